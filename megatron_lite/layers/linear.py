@@ -1,0 +1,84 @@
+"""Megatron's column- and row-parallel linear layers.
+
+ColumnParallelLinear holds a slice of the output features, RowParallelLinear a slice of the input
+features. A block (attention, MLP) enters the TP region once and feeds several column layers, so the
+region crossing is a flag here rather than hidden inside every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lite.layers.regions import enter_tp_region, leave_tp_region
+from megatron_lite.parallel import comm
+from megatron_lite.parallel.comm import CommGroup
+from megatron_lite.parallel.sharding import column_spec, make_param, replicated_spec, row_spec
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """y[:, local out features] = x @ W[local rows].T (+ b[local]).
+
+    enter_region: cross into the TP region here (set False when the caller already did, e.g. for the
+        q, k and v projections that share one input).
+    gather_output: return the full output on every rank (for tests and small heads).
+    num_chunks: how many pieces the output dim is cut into (default TP size); fewer than TP means
+        consecutive ranks hold the same piece, as for KV heads when TP > number of KV heads.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp: CommGroup, *, bias: bool = True,
+                 std: float = 0.02, enter_region: bool = True, gather_output: bool = False,
+                 sequence_parallel: bool = False, num_chunks: int | None = None,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        chunks = num_chunks or tp.size
+        if out_features % chunks or tp.size % chunks and chunks % tp.size:
+            raise ValueError(f"out_features={out_features} cannot be split into {chunks} pieces over tp={tp.size}")
+        self.tp, self.enter_region, self.gather_output = tp, enter_region, gather_output
+        self.sequence_parallel = sequence_parallel
+        self.weight = make_param(column_spec((out_features, in_features), tp, chunks, std=std), dtype, device)
+        self.bias = make_param(column_spec((out_features,), tp, chunks, init="zeros"), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enter_region:
+            x = enter_tp_region(x, self.tp, self.sequence_parallel)
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output:
+            y = _GatherLastDim.apply(y, self.tp)
+        return y
+
+
+class RowParallelLinear(torch.nn.Module):
+    """y = sum over TP ranks of x[..., local in features] @ W[:, local cols].T, then + b (replicated)."""
+
+    def __init__(self, in_features: int, out_features: int, tp: CommGroup, *, bias: bool = True,
+                 std: float = 0.02, input_is_parallel: bool = True, sequence_parallel: bool = False,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        if in_features % tp.size:
+            raise ValueError(f"in_features={in_features} is not divisible by tp={tp.size}")
+        self.tp, self.input_is_parallel, self.sequence_parallel = tp, input_is_parallel, sequence_parallel
+        self.weight = make_param(row_spec((out_features, in_features), tp, std=std), dtype, device)
+        self.bias = (
+            make_param(replicated_spec((out_features,), init="zeros", grad_sum_over_tp=sequence_parallel), dtype, device)
+            if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = comm.scatter_to_sequence(x, self.tp, dim=-1)
+        y = leave_tp_region(F.linear(x, self.weight), self.tp, self.sequence_parallel)
+        return y if self.bias is None else y + self.bias
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim forward; keep this rank's slice of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, y, tp):
+        ctx.tp = tp
+        return comm.all_gather(y, tp, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return comm.split_for_rank(grad, ctx.tp, dim=-1), None

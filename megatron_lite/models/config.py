@@ -1,0 +1,100 @@
+"""One decoder-only transformer config covering the GPT-2 family and the LLaMA family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from megatron_lite.parallel.layout import ParallelSizes
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None  # None: multi-head attention (as many KV heads as query heads)
+    ffn_hidden_size: int | None = None  # None: 4 * hidden_size
+    max_seq_len: int = 1024
+    norm: str = "layernorm"
+    activation: str = "gelu"
+    position: str = "learned"
+    tie_embeddings: bool = True
+    bias: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    vocab_pad_multiple: int = 1  # vocabulary padded to a multiple of tp * this (Megatron uses 128)
+
+    def __post_init__(self):
+        for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("position", POSITIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.kv_heads}; "
+                "grouped-query attention needs whole groups of query heads per KV head"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dim, got {self.head_dim}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    def with_(self, **changes) -> "ModelConfig":
+        return replace(self, **changes)
+
+
+def gpt2_config(**overrides) -> ModelConfig:
+    base = dict(norm="layernorm", activation="gelu", position="learned", tie_embeddings=True, bias=True)
+    return ModelConfig(**{**base, **overrides})
+
+
+def llama_config(**overrides) -> ModelConfig:
+    base = dict(norm="rmsnorm", activation="swiglu", position="rope", tie_embeddings=False, bias=False,
+                norm_eps=1e-5)
+    return ModelConfig(**{**base, **overrides})
+
+
+def check_model_fits_layout(cfg: ModelConfig, sizes: ParallelSizes) -> None:
+    """Raise ValueError (naming the value and the fix) when the model cannot be split over the layout."""
+    tp, pp = sizes.tp, sizes.pp
+    if cfg.num_heads % tp:
+        raise ValueError(
+            f"model.num_heads={cfg.num_heads} is not divisible by parallel.tp={tp}; "
+            f"choose tp among {_divisors(cfg.num_heads)}"
+        )
+    if cfg.kv_heads % tp and tp % cfg.kv_heads:
+        raise ValueError(
+            f"parallel.tp={tp} neither divides nor is a multiple of model.num_kv_heads={cfg.kv_heads}; "
+            f"KV heads are split when tp divides them and replicated when tp is a multiple of them"
+        )
+    if cfg.ffn_size % tp:
+        raise ValueError(f"model.ffn_hidden_size={cfg.ffn_size} is not divisible by parallel.tp={tp}")
+    if cfg.num_layers < pp:
+        raise ValueError(
+            f"model.num_layers={cfg.num_layers} is smaller than parallel.pp={pp}: every pipeline stage "
+            f"needs at least one layer; use pp <= {cfg.num_layers}"
+        )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

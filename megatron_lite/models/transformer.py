@@ -1,0 +1,211 @@
+"""Decoder-only transformer built from tensor-parallel layers; one pipeline stage per module.
+
+Parameter names are the same under every layout (layers keep their global index), so a parameter's
+name plus its ShardSpec identifies its full serial tensor: that is what makes initialisation,
+gradient checks and checkpoints layout-independent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+from megatron_lite.layers.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lite.layers.embedding import VocabParallelEmbedding, vocab_shard_spec
+from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear
+from megatron_lite.layers.regions import enter_tp_region
+from megatron_lite.models.config import ModelConfig
+from megatron_lite.parallel.comm import CommGroup
+from megatron_lite.parallel.layout import ParallelLayout
+from megatron_lite.parallel.sharding import initialize_parameters, make_param, replicated_spec
+
+WORD_EMBEDDING = "embedding.word.weight"
+
+
+class Norm(torch.nn.Module):
+    """LayerNorm or RMSNorm with replicated weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        shape = (cfg.hidden_size,)
+        self.weight = make_param(replicated_spec(shape, init="ones"))
+        with_bias = cfg.norm == "layernorm" and cfg.bias
+        self.bias = make_param(replicated_spec(shape, init="zeros")) if with_bias else None
+
+    def forward(self, x):
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """RoPE in the rotate-half convention (as Hugging Face LLaMA checkpoints use)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x):  # x: [b, heads, s, d]
+        seq = x.shape[-2]
+        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(torch.nn.Module):
+    """Heads split over TP; KV heads split too, or replicated when TP exceeds their number."""
+
+    def __init__(self, cfg: ModelConfig, tp: CommGroup, layer_std: float):
+        super().__init__()
+        self.tp = tp
+        self.heads = cfg.num_heads // tp.size
+        self.kv_heads = max(cfg.kv_heads // tp.size, 1)
+        self.head_dim = cfg.head_dim
+        kv_chunks = min(cfg.kv_heads, tp.size)
+        h, kv_width = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
+        column = dict(bias=cfg.bias, std=cfg.init_std, enter_region=False)
+        self.q_proj = ColumnParallelLinear(h, h, tp, **column)
+        self.k_proj = ColumnParallelLinear(h, kv_width, tp, num_chunks=kv_chunks, **column)
+        self.v_proj = ColumnParallelLinear(h, kv_width, tp, num_chunks=kv_chunks, **column)
+        self.o_proj = RowParallelLinear(h, h, tp, bias=cfg.bias, std=layer_std)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
+
+    def forward(self, x):
+        x = enter_tp_region(x, self.tp)
+        q = rearrange(self.q_proj(x), "b s (h d) -> b h s d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b s (h d) -> b h s d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b s (h d) -> b h s d", d=self.head_dim)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        group = self.heads // self.kv_heads
+        k = repeat(k, "b h s d -> b (h g) s d", g=group)
+        v = repeat(v, "b h s d -> b (h g) s d", g=group)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(rearrange(out, "b h s d -> b s (h d)"))
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: CommGroup, layer_std: float):
+        super().__init__()
+        self.tp, self.activation = tp, cfg.activation
+        h, f = cfg.hidden_size, cfg.ffn_size
+        column = dict(bias=cfg.bias, std=cfg.init_std, enter_region=False)
+        self.up_proj = ColumnParallelLinear(h, f, tp, **column)
+        self.gate_proj = ColumnParallelLinear(h, f, tp, **column) if cfg.activation == "swiglu" else None
+        self.down_proj = RowParallelLinear(f, h, tp, bias=cfg.bias, std=layer_std)
+
+    def forward(self, x):
+        x = enter_tp_region(x, self.tp)
+        if self.gate_proj is not None:
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            hidden = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.down_proj(hidden)
+
+
+class TransformerLayer(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: CommGroup):
+        super().__init__()
+        # GPT-2's scaled init of the projections that write into the residual stream.
+        layer_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.attn_norm = Norm(cfg)
+        self.attention = Attention(cfg, tp, layer_std)
+        self.mlp_norm = Norm(cfg)
+        self.mlp = MLP(cfg, tp, layer_std)
+
+    def forward(self, x):
+        x = x + self.attention(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Embedding(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: CommGroup):
+        super().__init__()
+        self.word = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, pad_multiple=cfg.vocab_pad_multiple,
+                                           std=cfg.init_std)
+        self.position = (
+            make_param(replicated_spec((cfg.max_seq_len, cfg.hidden_size), std=cfg.init_std))
+            if cfg.position == "learned" else None
+        )
+
+    def forward(self, token_ids):
+        x = self.word(token_ids)
+        if self.position is not None:
+            x = x + self.position[: token_ids.shape[1]]
+        return x
+
+
+class LMHead(torch.nn.Module):
+    """Final norm and vocabulary-parallel logits; holds its own weight unless tied to the embedding."""
+
+    def __init__(self, cfg: ModelConfig, tp: CommGroup, tied_to: VocabParallelEmbedding | None,
+                 tied_copy: bool = False):
+        super().__init__()
+        self.tp = tp
+        self.norm = Norm(cfg)
+        # A plain list keeps the tied weight from being registered (and counted) twice.
+        self._tied = [tied_to] if tied_to is not None else []
+        if tied_to is None:
+            # Untied, or a tied copy on the last pipeline stage that starts from the embedding's values.
+            spec = vocab_shard_spec(cfg.vocab_size, cfg.hidden_size, tp, pad_multiple=cfg.vocab_pad_multiple,
+                                    std=cfg.init_std, init_name=WORD_EMBEDDING if tied_copy else None)
+            self.weight = make_param(spec)
+        self.vocab_start = tp.rank * vocab_shard_spec(cfg.vocab_size, cfg.hidden_size, tp,
+                                                      pad_multiple=cfg.vocab_pad_multiple).local_shape[0]
+
+    def output_weight(self) -> torch.Tensor:
+        return self._tied[0].weight if self._tied else self.weight
+
+    def forward(self, x):
+        x = enter_tp_region(self.norm(x), self.tp)
+        return F.linear(x, self.output_weight())
+
+
+class TransformerStage(torch.nn.Module):
+    """The part of the model that one pipeline stage runs: [embedding] + layers + [head].
+
+    forward() maps token ids (first stage) or hidden states to hidden states, or to this rank's
+    vocabulary slice of the logits on the last stage; loss() turns those logits into per-token losses.
+    """
+
+    def __init__(self, cfg: ModelConfig, layout: ParallelLayout, layer_ids, *, first: bool, last: bool):
+        super().__init__()
+        self.cfg, self.layout = cfg, layout
+        tp = layout.tp
+        self.embedding = Embedding(cfg, tp) if first else None
+        self.layers = torch.nn.ModuleDict({str(i): TransformerLayer(cfg, tp) for i in layer_ids})
+        self.head = None
+        if last:
+            tied_here = cfg.tie_embeddings and first
+            self.head = LMHead(cfg, tp, self.embedding.word if tied_here else None,
+                               tied_copy=cfg.tie_embeddings and not first)
+
+    def forward(self, x):
+        if self.embedding is not None:
+            x = self.embedding(x)
+        for layer in self.layers.values():
+            x = layer(x)
+        return self.head(x) if self.head is not None else x
+
+    def loss(self, local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy [b, s], computed without gathering the vocabulary."""
+        return vocab_parallel_cross_entropy(local_logits, targets, self.layout.tp, self.head.vocab_start,
+                                            self.cfg.vocab_size)
+
+
+def build_model(cfg: ModelConfig, layout: ParallelLayout, seed: int, layer_ids=None, *, first: bool = True,
+                last: bool = True) -> TransformerStage:
+    """Build (a stage of) the model with weights equal to the serial model's for the same seed."""
+    layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
+    model = TransformerStage(cfg, layout, layer_ids, first=first, last=last)
+    initialize_parameters(model, seed)
+    return model.to(layout.device)

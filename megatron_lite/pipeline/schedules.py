@@ -1,0 +1,231 @@
+"""Pipeline schedules as plain data: one ordered list of actions per pipeline rank.
+
+A schedule builder is a pure function of (p, m, v). It first decides the order of compute
+actions (forward/backward per microbatch and model chunk) on every rank, then inserts the
+point-to-point communication each compute action implies. The executor, the validator
+(``validate.py``) and the simulator (``simulate.py``) all read the same lists, so what we check
+and draw is exactly what runs.
+
+Virtual stages follow Megatron: model chunk ``c`` on rank ``r`` is virtual stage ``c * p + r``.
+Activations flow from virtual stage ``s`` to ``s + 1`` (the next rank, wrapping to chunk ``c + 1``
+after the last rank); gradients flow the other way. Without interleaving ``v == 1`` and the
+virtual stage is just the rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class ActionKind(str, Enum):
+    FORWARD = "F"
+    BACKWARD = "B"
+    SEND_ACTIVATION = "SEND_F"
+    RECV_ACTIVATION = "RECV_F"
+    SEND_GRAD = "SEND_B"
+    RECV_GRAD = "RECV_B"
+
+    @property
+    def is_compute(self) -> bool:
+        return self in _COMPUTE_KINDS
+
+    @property
+    def is_send(self) -> bool:
+        return self in _SEND_KINDS
+
+    @property
+    def is_recv(self) -> bool:
+        return self in _RECV_KINDS
+
+
+_COMPUTE_KINDS = frozenset({ActionKind.FORWARD, ActionKind.BACKWARD})
+_SEND_KINDS = frozenset({ActionKind.SEND_ACTIVATION, ActionKind.SEND_GRAD})
+_RECV_KINDS = frozenset({ActionKind.RECV_ACTIVATION, ActionKind.RECV_GRAD})
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step on one rank.
+
+    ``chunk`` is always the *local* model chunk the action belongs to: for a send, the chunk whose
+    compute produced the tensor; for a receive, the chunk whose compute will consume it.
+    ``peer`` is the pipeline rank on the other side of a send/receive, ``None`` for compute.
+    """
+
+    kind: ActionKind
+    microbatch: int
+    chunk: int = 0
+    peer: int | None = None
+
+    def __str__(self) -> str:
+        peer = "" if self.peer is None else f", peer={self.peer}"
+        return f"{self.kind.value}(mb={self.microbatch}, chunk={self.chunk}{peer})"
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    name: str
+    num_stages: int
+    num_microbatches: int
+    virtual_stages: int
+    actions: tuple[tuple[Action, ...], ...]  # actions[rank] = ordered list for that pipeline rank
+
+    @property
+    def num_virtual_stages(self) -> int:
+        return self.num_stages * self.virtual_stages
+
+
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+def virtual_stage(rank: int, chunk: int, num_stages: int) -> int:
+    return chunk * num_stages + rank
+
+
+def stage_location(vstage: int, num_stages: int) -> tuple[int, int]:
+    """(rank, chunk) that hosts virtual stage ``vstage``."""
+    return vstage % num_stages, vstage // num_stages
+
+
+def check_layer_split(num_layers: int, num_stages: int, virtual_stages: int = 1) -> int:
+    """Number of layers per model chunk; raises ValueError if they cannot be split evenly."""
+    _check_positive(num_stages=num_stages, virtual_stages=virtual_stages, num_layers=num_layers)
+    chunks = num_stages * virtual_stages
+    if num_layers % chunks != 0:
+        lower = (num_layers // chunks) * chunks
+        hint = f"{lower} or {lower + chunks}" if lower else f"{chunks}"
+        raise ValueError(
+            f"num_layers={num_layers} cannot be split into pp*virtual_stages="
+            f"{num_stages}*{virtual_stages}={chunks} equal chunks; use a multiple of {chunks} "
+            f"(e.g. {hint}) or change pp/virtual_stages"
+        )
+    return num_layers // chunks
+
+
+def build_schedule(
+    name: str, num_stages: int, num_microbatches: int, virtual_stages: int = 1
+) -> PipelinePlan:
+    """Per-rank action lists for schedule ``name`` with p stages, m microbatches, v chunks."""
+    _check_arguments(name, num_stages, num_microbatches, virtual_stages)
+    p, m, v = num_stages, num_microbatches, virtual_stages
+    order_for_rank = {
+        "gpipe": lambda rank: _gpipe_compute_order(m),
+        "1f1b": lambda rank: _one_f_one_b_compute_order(p, m, rank),
+        "interleaved_1f1b": lambda rank: _interleaved_compute_order(p, m, v, rank),
+    }[name]
+    actions = tuple(
+        tuple(_with_communication(order_for_rank(rank), rank, p, v)) for rank in range(p)
+    )
+    return PipelinePlan(name, p, m, v, actions)
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+
+
+def _check_arguments(name: str, p: int, m: int, v: int) -> None:
+    if name not in SCHEDULE_NAMES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    _check_positive(num_stages=p, num_microbatches=m, virtual_stages=v)
+    if name != "interleaved_1f1b" and v != 1:
+        raise ValueError(
+            f"{name} runs one model chunk per rank, got virtual_stages={v}; "
+            "use virtual_stages=1 or schedule interleaved_1f1b"
+        )
+    if name == "interleaved_1f1b":
+        if v < 2:
+            raise ValueError(
+                f"interleaved_1f1b needs virtual_stages >= 2, got {v}; "
+                "use virtual_stages=2 or schedule 1f1b"
+            )
+        if m % p != 0:
+            lower = (m // p) * p
+            hint = f"{lower} or {lower + p}" if lower else f"{p}"
+            raise ValueError(
+                f"interleaved_1f1b needs microbatches to be a multiple of pp={p}, "
+                f"got {m}; use {hint}"
+            )
+
+
+def _forward(microbatch: int, chunk: int = 0) -> Action:
+    return Action(ActionKind.FORWARD, microbatch, chunk)
+
+
+def _backward(microbatch: int, chunk: int = 0) -> Action:
+    return Action(ActionKind.BACKWARD, microbatch, chunk)
+
+
+def _gpipe_compute_order(m: int) -> list[Action]:
+    # Backwards run last-in first-out, as in the GPipe paper (Fig. 2c): the last stage starts the
+    # backward of the microbatch it has just finished, and each activation stack is popped in the
+    # order autograd would free it. The bubble and the peak memory are the same with FIFO.
+    return [_forward(mb) for mb in range(m)] + [_backward(mb) for mb in reversed(range(m))]
+
+
+def _one_f_one_b_compute_order(p: int, m: int, rank: int) -> list[Action]:
+    # PipeDream-flush / Megatron order: later ranks need fewer forwards in flight before the first
+    # gradient comes back. Capping at m keeps m < p valid: the schedule degenerates to GPipe-like
+    # all-forward then all-backward on the early ranks instead of waiting for absent microbatches.
+    warmup = min(p - rank - 1, m)
+    steady = m - warmup
+    order = [_forward(mb) for mb in range(warmup)]
+    for i in range(steady):
+        order += [_forward(warmup + i), _backward(i)]
+    order += [_backward(mb) for mb in range(steady, m)]
+    return order
+
+
+def _interleaved_slot(k: int, p: int, v: int, forward: bool) -> tuple[int, int]:
+    """(microbatch, chunk) of the k-th forward or backward on a rank (Megatron's mapping).
+
+    Microbatches go through the chunks in blocks of p: forwards run mb 0..p-1 on chunk 0, then
+    the same block on chunk 1, ..., then the next block. Backwards walk the chunks in reverse.
+    """
+    group, offset = divmod(k, p * v)
+    chunk = offset // p
+    if not forward:
+        chunk = v - 1 - chunk
+    return group * p + offset % p, chunk
+
+
+def _interleaved_compute_order(p: int, m: int, v: int, rank: int) -> list[Action]:
+    total = m * v
+    # Rank r must keep forwarding until the first gradient for chunk v-1 returns: one full pass
+    # of the other v-1 chunks over all p ranks, plus the round trip to the last rank and back.
+    warmup = min((p - rank - 1) * 2 + (v - 1) * p, total)
+    steady = total - warmup
+    forwards = [_forward(*_interleaved_slot(k, p, v, forward=True)) for k in range(total)]
+    backwards = [_backward(*_interleaved_slot(k, p, v, forward=False)) for k in range(total)]
+    order = forwards[:warmup]
+    for i in range(steady):
+        order += [forwards[warmup + i], backwards[i]]
+    order += backwards[steady:]
+    return order
+
+
+def _with_communication(compute: list[Action], rank: int, p: int, v: int) -> list[Action]:
+    """Insert the receive right before and the send right after each compute action."""
+    if p == 1:
+        return list(compute)  # every virtual stage lives on this rank: data stays local
+    last = p * v - 1
+    prev_rank, next_rank = (rank - 1) % p, (rank + 1) % p
+    out: list[Action] = []
+    for action in compute:
+        mb, chunk = action.microbatch, action.chunk
+        stage = virtual_stage(rank, chunk, p)
+        if action.kind is ActionKind.FORWARD:
+            if stage > 0:
+                out.append(Action(ActionKind.RECV_ACTIVATION, mb, chunk, prev_rank))
+            out.append(action)
+            if stage < last:
+                out.append(Action(ActionKind.SEND_ACTIVATION, mb, chunk, next_rank))
+        else:
+            if stage < last:
+                out.append(Action(ActionKind.RECV_GRAD, mb, chunk, next_rank))
+            out.append(action)
+            if stage > 0:
+                out.append(Action(ActionKind.SEND_GRAD, mb, chunk, prev_rank))
+    return out

@@ -1,0 +1,265 @@
+"""Check that a PipelinePlan is complete, consistent and cannot hang.
+
+Semantics are the executor's: sends never block (non-blocking isend), a receive blocks until the
+matching send has been executed, and messages between two ranks of the same kind are delivered
+in the order they were sent. Every failure raises ``PlanError`` naming the rank, the action and
+its position, so a wrong schedule is found here and not as a hang on 64 GPUs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Iterable
+
+from megatron_lite.pipeline.schedules import (
+    Action,
+    ActionKind,
+    PipelinePlan,
+    stage_location,
+    virtual_stage,
+)
+
+F, B = ActionKind.FORWARD, ActionKind.BACKWARD
+SEND_F, RECV_F = ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION
+SEND_B, RECV_B = ActionKind.SEND_GRAD, ActionKind.RECV_GRAD
+
+# A message is identified by its direction, microbatch and the virtual stage it is delivered to.
+Message = tuple[str, int, int]
+Channel = tuple[int, int, str]  # (sender rank, receiver rank, direction)
+
+
+class PlanError(ValueError):
+    """A pipeline plan is malformed, inconsistent or deadlocks."""
+
+
+def validate_plan(plan: PipelinePlan) -> None:
+    _check_shape(plan)
+    for rank, actions in enumerate(plan.actions):
+        _check_compute_exactly_once(plan, rank, actions)
+        _check_local_order(plan, rank, actions)
+    steps = _comm_steps(plan)
+    _check_send_recv_matching(steps)
+    _check_no_deadlock(plan, steps)
+
+
+def _where(rank: int, index: int, action: Action) -> str:
+    return f"rank {rank} action #{index} {action}"
+
+
+def _check_shape(plan: PipelinePlan) -> None:
+    p, m, v = plan.num_stages, plan.num_microbatches, plan.virtual_stages
+    if min(p, m, v) < 1:
+        raise PlanError(f"plan sizes must be >= 1, got p={p}, m={m}, v={v}")
+    if len(plan.actions) != p:
+        raise PlanError(f"plan has {len(plan.actions)} action lists for {p} pipeline ranks")
+    for rank, actions in enumerate(plan.actions):
+        for index, action in enumerate(actions):
+            _check_action_fields(plan, rank, index, action)
+
+
+def _check_action_fields(plan: PipelinePlan, rank: int, index: int, action: Action) -> None:
+    problem = _field_problem(plan, action) or _peer_problem(plan, rank, action)
+    if problem:
+        raise PlanError(f"{_where(rank, index, action)}: {problem}")
+
+
+def _field_problem(plan: PipelinePlan, action: Action) -> str | None:
+    if not isinstance(action.kind, ActionKind):
+        return f"unknown action kind {action.kind!r}"
+    if not 0 <= action.microbatch < plan.num_microbatches:
+        return f"microbatch outside 0..{plan.num_microbatches - 1}"
+    if not 0 <= action.chunk < plan.virtual_stages:
+        return f"chunk outside 0..{plan.virtual_stages - 1}"
+    if action.kind.is_compute and action.peer is not None:
+        return "compute actions take no peer"
+    return None
+
+
+def _peer_problem(plan: PipelinePlan, rank: int, action: Action) -> str | None:
+    if action.kind.is_compute:
+        return None
+    other = _neighbour_stage(plan, rank, action)
+    if other is None:
+        stage = _stage(plan, rank, action)
+        return f"virtual stage {stage} is at the end of the pipeline, nobody to exchange with"
+    expected, _ = stage_location(other, plan.num_stages)
+    if expected == rank:
+        return f"virtual stage {other} is on the same rank, the data stays local"
+    if action.peer != expected:
+        return f"peer must be rank {expected} (virtual stage {other})"
+    return None
+
+
+def _stage(plan: PipelinePlan, rank: int, action: Action) -> int:
+    return virtual_stage(rank, action.chunk, plan.num_stages)
+
+
+def _neighbour_stage(plan: PipelinePlan, rank: int, action: Action) -> int | None:
+    """The virtual stage on the other side of a send/receive, or None if there is none."""
+    stage = _stage(plan, rank, action)
+    step = 1 if action.kind in (SEND_F, RECV_B) else -1
+    other = stage + step
+    return other if 0 <= other < plan.num_virtual_stages else None
+
+
+def _check_compute_exactly_once(plan: PipelinePlan, rank: int, actions: Iterable[Action]) -> None:
+    counts = Counter((a.kind, a.microbatch, a.chunk) for a in actions if a.kind.is_compute)
+    for kind in (F, B):
+        for chunk in range(plan.virtual_stages):
+            for mb in range(plan.num_microbatches):
+                n = counts[(kind, mb, chunk)]
+                if n != 1:
+                    raise PlanError(
+                        f"rank {rank} runs {kind.value}(mb={mb}, chunk={chunk}) {n} times, "
+                        "expected exactly once"
+                    )
+
+
+def _check_local_order(plan: PipelinePlan, rank: int, actions: tuple[Action, ...]) -> None:
+    """Each action's inputs are produced or received earlier in this rank's own list."""
+    done: set[tuple[ActionKind, int, int]] = set()
+    for index, action in enumerate(actions):
+        key = (action.kind, action.microbatch, action.chunk)
+        if action.kind.is_recv and key in done:
+            raise PlanError(f"{_where(rank, index, action)}: received twice")
+        missing = _missing_input(plan, rank, action, done)
+        if missing:
+            raise PlanError(f"{_where(rank, index, action)}: runs before {missing}")
+        done.add(key)
+
+
+def _missing_input(plan: PipelinePlan, rank: int, action: Action, done: set) -> str | None:
+    mb, chunk = action.microbatch, action.chunk
+    needs: list[tuple[ActionKind, int, int]] = []
+    if action.kind is SEND_F:
+        needs.append((F, mb, chunk))
+    elif action.kind is SEND_B:
+        needs.append((B, mb, chunk))
+    elif action.kind is F and _stage(plan, rank, action) > 0:
+        needs.append(_input_source(plan, rank, action, RECV_F, -1))
+    elif action.kind is B:
+        needs.append((F, mb, chunk))  # the backward of a stage needs its own forward
+        if _stage(plan, rank, action) < plan.num_virtual_stages - 1:
+            needs.append(_input_source(plan, rank, action, RECV_B, +1))
+    for need in needs:
+        if need not in done:
+            kind, need_mb, need_chunk = need
+            return f"{kind.value}(mb={need_mb}, chunk={need_chunk}) on rank {rank}"
+    return None
+
+
+def _input_source(
+    plan: PipelinePlan, rank: int, action: Action, recv_kind: ActionKind, step: int
+) -> tuple[ActionKind, int, int]:
+    """What must precede a compute action: its receive, or the local compute it reads from."""
+    source_rank, source_chunk = stage_location(_stage(plan, rank, action) + step, plan.num_stages)
+    if source_rank != rank:
+        return (recv_kind, action.microbatch, action.chunk)
+    return (action.kind, action.microbatch, source_chunk)
+
+
+def _message(plan: PipelinePlan, rank: int, action: Action) -> tuple[Channel, Message]:
+    direction = "F" if action.kind in (SEND_F, RECV_F) else "B"
+    if action.kind.is_send:
+        channel = (rank, action.peer, direction)
+        target = _neighbour_stage(plan, rank, action)
+    else:
+        channel = (action.peer, rank, direction)
+        target = _stage(plan, rank, action)
+    return channel, (direction, action.microbatch, target)
+
+
+# One communication action, resolved once: (action index, is receive, channel, message).
+CommStep = tuple[int, bool, Channel, Message]
+
+
+def _comm_steps(plan: PipelinePlan) -> list[list[CommStep]]:
+    steps: list[list[CommStep]] = []
+    for rank, actions in enumerate(plan.actions):
+        steps.append([
+            (index, action.kind.is_recv, *_message(plan, rank, action))
+            for index, action in enumerate(actions)
+            if not action.kind.is_compute
+        ])
+    return steps
+
+
+def _channel_traffic(steps: list[list[CommStep]], receives: bool) -> dict[Channel, list[Message]]:
+    traffic: dict[Channel, list[Message]] = defaultdict(list)
+    for rank_steps in steps:
+        for _, is_recv, channel, message in rank_steps:
+            if is_recv == receives:
+                traffic[channel].append(message)
+    return traffic
+
+
+def _describe(message: Message) -> str:
+    direction, mb, target = message
+    what = "activation" if direction == "F" else "gradient"
+    return f"{what} of mb={mb} for virtual stage {target}"
+
+
+def _missing(role: str, message: Message, rank: int) -> str:
+    return f"{role}_{message[0]}(mb={message[1]}) on rank {rank}"
+
+
+def _check_send_recv_matching(steps: list[list[CommStep]]) -> None:
+    sends = _channel_traffic(steps, receives=False)
+    recvs = _channel_traffic(steps, receives=True)
+    for channel in sorted(set(sends) | set(recvs)):
+        sender, receiver, _ = channel
+        sent, received = sends.get(channel, []), recvs.get(channel, [])
+        extra_recv = Counter(received) - Counter(sent)
+        if extra_recv:
+            message = next(iter(extra_recv))
+            raise PlanError(
+                f"rank {receiver} receives the {_describe(message)} from rank {sender}, "
+                f"but rank {sender} never sends it: missing {_missing('SEND', message, sender)}"
+            )
+        extra_send = Counter(sent) - Counter(received)
+        if extra_send:
+            message = next(iter(extra_send))
+            raise PlanError(
+                f"rank {sender} sends the {_describe(message)} to rank {receiver}, "
+                f"but rank {receiver} never receives it: missing "
+                f"{_missing('RECV', message, receiver)}"
+            )
+        for position, (s, r) in enumerate(zip(sent, received)):
+            if s != r:
+                raise PlanError(
+                    f"messages from rank {sender} to rank {receiver} are delivered in order, but "
+                    f"message #{position} is sent as the {_describe(s)} and received as the "
+                    f"{_describe(r)}; reorder the receives on rank {receiver}"
+                )
+
+
+def _check_no_deadlock(plan: PipelinePlan, steps: list[list[CommStep]]) -> None:
+    """Run the plan abstractly: sends complete at once, a receive waits for its send.
+
+    Compute actions never wait in this model (their inputs were checked to be received or
+    computed earlier on the same rank), so only the communication steps need to be played.
+    """
+    position = [0] * plan.num_stages
+    in_flight: Counter[Channel] = Counter()
+    progress = True
+    while progress:
+        progress = False
+        for rank, rank_steps in enumerate(steps):
+            while position[rank] < len(rank_steps):
+                _, is_recv, channel, _ = rank_steps[position[rank]]
+                if is_recv:
+                    if in_flight[channel] == 0:
+                        break
+                    in_flight[channel] -= 1
+                else:
+                    in_flight[channel] += 1
+                position[rank] += 1
+                progress = True
+    stuck = [r for r in range(plan.num_stages) if position[r] < len(steps[r])]
+    if stuck:
+        waits = "; ".join(_waiting_at(plan, r, steps[r][position[r]][0]) for r in stuck)
+        raise PlanError(f"plan deadlocks, no rank can make progress: {waits}")
+
+
+def _waiting_at(plan: PipelinePlan, rank: int, index: int) -> str:
+    return f"rank {rank} waits at action #{index} {plan.actions[rank][index]}"
