@@ -13,7 +13,9 @@ def pytest_terminal_summary(terminalreporter):
     if not EQUIVALENCE_REPORT:
         return
     terminalreporter.section("serial equivalence: largest relative error per case (fp32)")
-    keys = list(EQUIVALENCE_REPORT[0][1])
-    terminalreporter.write_line(f"{'case':<40}" + "".join(f"{k:>12}" for k in keys))
+    keys = list(dict.fromkeys(k for _, errors in EQUIVALENCE_REPORT for k in errors))
+    width = max(len(case) for case, _ in EQUIVALENCE_REPORT) + 2
+    terminalreporter.write_line(f"{'case':<{width}}" + "".join(f"{k:>11}" for k in keys))
     for case, errors in EQUIVALENCE_REPORT:
-        terminalreporter.write_line(f"{case:<40}" + "".join(f"{errors[k]:>12.2e}" for k in keys))
+        cells = "".join(f"{errors[k]:>11.2e}" if k in errors else f"{'-':>11}" for k in keys)
+        terminalreporter.write_line(f"{case:<{width}}" + cells)

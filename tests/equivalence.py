@@ -3,27 +3,62 @@ and the per-rank routine that gathers full logits, losses, gradients and weights
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from megatron_lite.models.config import gpt2_config, llama_config
-from megatron_lite.models.transformer import build_model
+from megatron_lite.models.transformer import WORD_EMBEDDING
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
 from megatron_lite.parallel.sharding import ShardSpec, gather_full, spec_of
-from megatron_lite.training.step import train_step
+from megatron_lite.pipeline.partition import build_model_chunks, named_parameters
+from megatron_lite.pipeline.schedules import build_schedule
+from megatron_lite.training.step import run_schedule, train_step
 
 SEED = 1234
-GLOBAL_BATCH, SEQ = 8, 16
+GLOBAL_BATCH, SEQ = 24, 16  # 24 splits into 1, 2, 3, 4, 6 and 8 microbatches
 # Vocabulary 101 is prime: every TP > 1 pads it. LLaMA has 2 KV heads, so TP=4 replicates them.
+# Eight layers so that PP=4 with two virtual stages still has one layer per chunk. With hidden 16,
+# GPT-2's std 0.02 leaves attention almost uniform, so query gradients come out ~1e-5 of the others
+# through cancellation and carry the rounding noise of the larger terms; std 0.1 (~0.4/sqrt(hidden))
+# keeps every gradient well conditioned enough to be compared at 1e-5.
 TINY_MODELS = {
     "gpt2": gpt2_config(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=SEQ),
     "llama": llama_config(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                           ffn_hidden_size=64, max_seq_len=SEQ),
+    "gpt2_deep": gpt2_config(vocab_size=101, hidden_size=16, num_layers=8, num_heads=2, max_seq_len=SEQ,
+                              init_std=0.1),
+    "llama_deep": llama_config(vocab_size=101, hidden_size=16, num_layers=8, num_heads=2, num_kv_heads=1,
+                               ffn_hidden_size=32, max_seq_len=SEQ, init_std=0.1),
 }
 # Adam divides each gradient element by its own magnitude: an element near eps moves by up to lr
 # when fp32 summation order changes it in the 8th digit (TP splits the matmul sums). LLaMA's eps
 # (1e-5) keeps that amplification of rounding noise below the 1e-5 tolerance; eps=1e-8 does not.
-STEPS, LR, ADAM_EPS = 3, 1e-2, 1e-5
+# lr 1e-2 moves every weight by ~1% a step and compounds rounding differences to ~1e-5 by step 3 on
+# the 8-rank layout; 1e-3 (a real pre-training rate) keeps them ~1e-6. A layout bug shows as >1e-3.
+STEPS, LR, ADAM_EPS = 3, 1e-3, 1e-5
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def __str__(self) -> str:
+        text = f"{self.model} tp={self.tp} pp={self.pp} dp={self.dp} m={self.microbatches}"
+        if self.pp > 1:
+            text += f" {self.schedule}" + (f" v={self.virtual_stages}" if self.virtual_stages > 1 else "")
+        return text
 
 
 def global_batches(vocab: int, steps: int = STEPS):
@@ -38,61 +73,69 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def run_training(model_name: str, layout: ParallelLayout, microbatches: int = 1) -> dict:
-    """A few AdamW steps; per step the full logits (before the step), loss and full gradients.
+def run_training(case: Case, layout: ParallelLayout) -> dict:
+    """A few AdamW steps; per step the full logits (before the step, without PP), loss, full gradients.
 
-    With DP, each rank trains on its contiguous slice of the global batch; logits are gathered
-    over TP (vocabulary) and DP (batch) so the result is comparable with one process.
+    With DP, each rank trains on its contiguous slice of the global batch; logits are gathered over
+    TP (vocabulary) and DP (batch), parameters over TP and PP, so everything compares with one process.
     """
-    cfg = TINY_MODELS[model_name]
-    model = build_model(cfg, layout, seed=SEED)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, eps=ADAM_EPS, weight_decay=0.1)
+    cfg = TINY_MODELS[case.model]
+    chunks = build_model_chunks(cfg, layout, SEED, case.virtual_stages)
+    params = [p for _, p in named_parameters(chunks)]
+    optimizer = torch.optim.AdamW(params, lr=LR, eps=ADAM_EPS, weight_decay=0.1)
+    plan = build_schedule(case.schedule, layout.pp.size, case.microbatches, case.virtual_stages)
     dp = layout.dp
-    record = {"logits": [], "loss": [], "grads": [], "weights": None}
+    record = {"logits": [], "loss": [], "grads": [], "weights": None, "eval_loss": None}
     for tokens, targets in global_batches(cfg.vocab_size):
         tokens, targets = tokens.chunk(dp.size)[dp.rank], targets.chunk(dp.size)[dp.rank]
-        with torch.no_grad():
-            local_logits = model(tokens)
-        logits = gather_full(local_logits, _logits_spec(model, local_logits, cfg.vocab_size, layout), layout.tp)
-        record["logits"].append(comm.all_gather(logits, dp, dim=0))
-        record["loss"].append(train_step(model, optimizer, tokens, targets, layout, microbatches))
-        record["grads"].append(_full(model, layout, grads=True))
-    record["weights"] = _full(model, layout, grads=False)
-    tokens, _ = next(global_batches(cfg.vocab_size, steps=1))
-    with torch.no_grad():
-        local_logits = model(tokens.chunk(dp.size)[dp.rank])
-    logits = gather_full(local_logits, _logits_spec(model, local_logits, cfg.vocab_size, layout), layout.tp)
-    record["logits"].append(comm.all_gather(logits, dp, dim=0))  # after the last step: the trained function
+        if layout.pp.size == 1:
+            record["logits"].append(_full_logits(chunks[0], tokens, layout))
+        record["loss"].append(train_step(chunks, optimizer, tokens, targets, layout, plan))
+        record["grads"].append(_full(chunks, layout, grads=True))
+    record["weights"] = _full(chunks, layout, grads=False)
+    tokens, targets = next(global_batches(cfg.vocab_size, steps=1))
+    with torch.no_grad():  # the trained function, on a batch seen before training
+        record["eval_loss"] = run_schedule(chunks, plan, tokens.chunk(dp.size)[dp.rank],
+                                           targets.chunk(dp.size)[dp.rank], layout, forward_only=True)
     return record
 
 
-def _logits_spec(model, local_logits, vocab_size, layout):
-    shape = tuple(local_logits.shape[:-1]) + (vocab_size,)
-    return ShardSpec(full_shape=shape, dim=len(shape) - 1, num_chunks=layout.tp.size, chunk_index=layout.tp.rank,
-                     padded_size=local_logits.shape[-1] * layout.tp.size)
+def _full_logits(model, tokens, layout):
+    with torch.no_grad():
+        local = model(tokens)
+    shape = tuple(local.shape[:-1]) + (model.cfg.vocab_size,)
+    spec = ShardSpec(full_shape=shape, dim=len(shape) - 1, num_chunks=layout.tp.size, chunk_index=layout.tp.rank,
+                     padded_size=local.shape[-1] * layout.tp.size)
+    return comm.all_gather(gather_full(local, spec, layout.tp), layout.dp, dim=0)
 
 
-def _full(model, layout, grads: bool) -> dict[str, torch.Tensor]:
-    return {
-        name: gather_full(param.grad if grads else param.data, spec_of(param), layout.tp).clone()
-        for name, param in model.named_parameters()
-    }
+def _full(chunks, layout, grads: bool) -> dict[str, torch.Tensor]:
+    """Full serial tensors of every parameter of the model, from all TP and PP ranks."""
+    tied_copies = {id(c.tied_embedding_weight()) for c in chunks if c.head is not None and c.embedding is None}
+    mine = {}
+    for name, param in named_parameters(chunks):
+        key = WORD_EMBEDDING + "@last_stage" if id(param) in tied_copies else name
+        mine[key] = gather_full(param.grad if grads else param.data, spec_of(param), layout.tp).clone()
+    merged = {}
+    for part in comm.all_gather_object(mine, layout.pp):
+        merged.update(part)
+    return merged
 
 
-def parallel_worker(rank: int, world: int, model_name: str, tp: int, dp: int, microbatches: int):
-    layout = ParallelLayout.from_mesh(ParallelSizes(tp=tp, dp=dp))
-    record = run_training(model_name, layout, microbatches)
+def parallel_worker(rank: int, world: int, case: Case):
+    layout = ParallelLayout.from_mesh(ParallelSizes(tp=case.tp, pp=case.pp, dp=case.dp))
+    record = run_training(case, layout)
     return record if rank == 0 else None
 
 
 def serial_reference(model_name: str) -> dict:
-    return run_training(model_name, ParallelLayout.serial())
+    return run_training(Case(model_name), ParallelLayout.serial())
 
 
 # The key bias cannot change the output (softmax is invariant to adding a constant per query), so
 # its gradient is analytically zero and what autograd returns (~1e-11) is rounding noise, whose sign
 # Adam then turns into full-size steps. Its gradient is measured against the gradient norm of the
-# whole step, and its weights are checked by their effect: the logits after training.
+# whole step, and its weights are checked by their effect: the losses after training.
 FUNCTION_INVARIANT = ("attention.k_proj.bias",)
 
 
@@ -100,23 +143,33 @@ def _invariant(name: str) -> bool:
     return name.endswith(FUNCTION_INVARIANT)
 
 
+def _serial_name(name: str) -> str:
+    return name.split("@")[0]
+
+
 def _grad_error(parallel_step: dict, serial_step: dict) -> float:
     step_norm = torch.stack([g.double().norm() for g in serial_step.values()]).norm()
     errors = []
-    for name, reference in serial_step.items():
+    for name, value in parallel_step.items():
+        reference = serial_step[_serial_name(name)]
         if _invariant(name):
-            errors.append(((parallel_step[name] - reference).double().norm() / step_norm).item())
+            errors.append(((value - reference).double().norm() / step_norm).item())
         else:
-            errors.append(rel_err(parallel_step[name], reference))
+            errors.append(rel_err(value, reference))
     return max(errors)
 
 
 def compare(parallel: dict, serial: dict) -> dict[str, float]:
     """Largest relative error per quantity over all steps (and all parameters)."""
-    assert set(parallel["weights"]) == set(serial["weights"]), "parameter names differ between layouts"
-    return {
-        "logits": max(rel_err(a, b) for a, b in zip(parallel["logits"], serial["logits"])),
+    names = {_serial_name(n) for n in parallel["weights"]}
+    assert names == set(serial["weights"]), f"parameter names differ: {names ^ set(serial['weights'])}"
+    errors = {
         "loss": max(abs(a - b) / abs(b) for a, b in zip(parallel["loss"], serial["loss"])),
         "grads": max(_grad_error(p, s) for p, s in zip(parallel["grads"], serial["grads"])),
-        "weights": max(rel_err(parallel["weights"][n], w) for n, w in serial["weights"].items() if not _invariant(n)),
+        "weights": max(rel_err(w, serial["weights"][_serial_name(n)])
+                       for n, w in parallel["weights"].items() if not _invariant(n)),
+        "eval_loss": abs(parallel["eval_loss"] - serial["eval_loss"]) / abs(serial["eval_loss"]),
     }
+    if parallel["logits"]:
+        errors["logits"] = max(rel_err(a, b) for a, b in zip(parallel["logits"], serial["logits"]))
+    return errors

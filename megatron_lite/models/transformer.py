@@ -196,6 +196,13 @@ class TransformerStage(torch.nn.Module):
             x = layer(x)
         return self.head(x) if self.head is not None else x
 
+    def tied_embedding_weight(self) -> torch.nn.Parameter | None:
+        """The half of a tied input/output embedding that lives apart from the other half (pipeline
+        ends): its gradient is summed with its twin's. None when untied or both halves are here."""
+        if not self.cfg.tie_embeddings or (self.embedding is None) == (self.head is None):
+            return None
+        return self.embedding.word.weight if self.embedding is not None else self.head.weight
+
     def loss(self, local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy [b, s], computed without gathering the vocabulary."""
         return vocab_parallel_cross_entropy(local_logits, targets, self.layout.tp, self.head.vocab_start,

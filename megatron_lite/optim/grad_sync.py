@@ -2,7 +2,8 @@
 
 1. Partial gradients over TP (replicated KV heads, sequence-parallel norms): summed over the TP ranks
    that hold the same chunk.
-2. Data parallelism: gradients averaged over DP with one coalesced all-reduce per dtype (the simple,
+2. Tied input/output embeddings split over the pipeline ends: their two gradients summed.
+3. Data parallelism: gradients averaged over DP with one coalesced all-reduce per dtype (the simple,
    correct version; the bucketed, overlapped one replaces it later).
 """
 
@@ -49,7 +50,19 @@ def average_dp_grads(params: list[torch.nn.Parameter], layout: ParallelLayout) -
             grad.copy_(synced)
 
 
-def finalize_grads(model: torch.nn.Module, layout: ParallelLayout) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
+def sum_tied_embedding_grads(chunks: list[torch.nn.Module], layout: ParallelLayout) -> None:
+    """First and last pipeline stage each hold a copy of a tied embedding: both get the sum."""
+    halves = [w for w in (chunk.tied_embedding_weight() for chunk in chunks) if w is not None]
+    if not halves:
+        return
+    total = halves[0].grad if len(halves) == 1 else torch.stack([w.grad for w in halves]).sum(0)
+    comm.all_reduce(total, layout.embedding)
+    for weight in halves:
+        weight.grad.copy_(total)
+
+
+def finalize_grads(chunks: list[torch.nn.Module], layout: ParallelLayout) -> None:
+    params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
     sum_partial_tp_grads(params, layout)
+    sum_tied_embedding_grads(chunks, layout)
     average_dp_grads(params, layout)

@@ -193,3 +193,42 @@ def reduce_scatter_to_sequence(x: torch.Tensor, g: CommGroup, dim: int = 1) -> t
 
 def scatter_to_sequence(x: torch.Tensor, g: CommGroup, dim: int = 1) -> torch.Tensor:
     return x if g.size == 1 else _ScatterToSequence.apply(x, g, dim)
+
+
+# ----------------------------------------------------------------------------- point to point
+
+
+@dataclass(frozen=True)
+class P2POp:
+    """One send or receive of a pipeline transfer; `peer` is a rank within the group `g`."""
+
+    is_send: bool
+    tensor: torch.Tensor
+    peer: int
+    tag: int = 0
+
+
+def start_p2p(ops: list[P2POp], g: CommGroup) -> list:
+    """Post sends and receives together (one batch, as NCCL needs to avoid ordering deadlocks).
+
+    Returns the work handles; the caller waits on a receive before using its buffer and keeps a
+    send's tensor alive until its handle completes.
+    """
+    if not ops:
+        return []
+    batch = []
+    for op in ops:
+        g.stats.record(g.name, "send" if op.is_send else "recv", op.tensor)
+        fn = dist.isend if op.is_send else dist.irecv
+        batch.append(dist.P2POp(fn, op.tensor, peer=g.ranks[op.peer], group=g.group, tag=op.tag))
+    return dist.batch_isend_irecv(batch)
+
+
+def all_gather_object(obj, g: CommGroup) -> list:
+    """Every rank's picklable object, in group-rank order (for metadata, never for hot paths)."""
+    if g.size == 1:
+        return [obj]
+    out = [None] * g.size
+    g.stats.calls[(g.name, "all_gather_object")] += 1
+    dist.all_gather_object(out, obj, group=g.group)
+    return out

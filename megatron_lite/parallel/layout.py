@@ -67,8 +67,15 @@ class ParallelLayout:
     pp: CommGroup
     dp: CommGroup
     stats: CommStats
+    # First and last pipeline stage of this (dp, tp) position: they sum the gradients of tied
+    # input/output embeddings. Size 1 on middle stages and without pipeline parallelism.
+    embedding: CommGroup | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: object | None = None
+
+    def __post_init__(self):
+        if self.embedding is None:
+            self.embedding = CommGroup.single("embedding", self.stats)
 
     @classmethod
     def serial(cls, device: torch.device | str = "cpu") -> "ParallelLayout":
@@ -110,7 +117,8 @@ class ParallelLayout:
             device = torch.device("cuda", torch.cuda.current_device())
         else:
             device = torch.device("cpu")
-        return cls(sizes=sizes, rank=rank, stats=stats, device=device, mesh=mesh, **groups)
+        embedding = _embedding_group(sizes, rank, stats)
+        return cls(sizes=sizes, rank=rank, stats=stats, device=device, mesh=mesh, embedding=embedding, **groups)
 
     @property
     def world_size(self) -> int:
@@ -138,3 +146,20 @@ class ParallelLayout:
             f"rank {self.rank}: pp {self.pp.rank}/{self.pp.size} dp {self.dp.rank}/{self.dp.size} "
             f"tp {self.tp.rank}/{self.tp.size}"
         )
+
+
+def _embedding_group(sizes: ParallelSizes, rank: int, stats: CommStats) -> CommGroup:
+    """Group {first stage, last stage} for this rank's (dp, tp); every rank creates every group, in
+    the same order, because new_group is collective over the whole world."""
+    mine = CommGroup.single("embedding", stats)
+    if sizes.pp == 1:
+        return mine
+    here = coordinates_of(rank, sizes)
+    for dp in range(sizes.dp):
+        for tp in range(sizes.tp):
+            ranks = (rank_at(sizes, 0, dp, tp), rank_at(sizes, sizes.pp - 1, dp, tp))
+            group = dist.new_group(list(ranks))
+            if rank in ranks:
+                mine = CommGroup("embedding", group, 2, ranks.index(rank), ranks, stats)
+    assert mine.size == 2 or 0 < here["pp"] < sizes.pp - 1
+    return mine

@@ -1,4 +1,8 @@
-"""One training step without pipeline parallelism: microbatches accumulate gradients, then sync."""
+"""One training step: the pipeline schedule over this rank's microbatches, final gradients, update.
+
+Without pipeline parallelism the plan has one stage, so gradient accumulation over microbatches
+is the same code path as a pipeline.
+"""
 
 from __future__ import annotations
 
@@ -7,34 +11,37 @@ import torch
 from megatron_lite.optim.grad_sync import finalize_grads
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
+from megatron_lite.pipeline.executor import PipelineExecutor
+from megatron_lite.pipeline.schedules import PipelinePlan
 
 
-def split_microbatches(tensor: torch.Tensor, num_microbatches: int) -> tuple[torch.Tensor, ...]:
+def split_microbatches(tensor: torch.Tensor, num_microbatches: int) -> list[torch.Tensor]:
     if tensor.shape[0] % num_microbatches:
         raise ValueError(
             f"local batch of {tensor.shape[0]} samples is not divisible by microbatches={num_microbatches}"
         )
-    return tensor.chunk(num_microbatches, dim=0)
+    return list(tensor.chunk(num_microbatches, dim=0))
 
 
-def forward_backward(model, tokens: torch.Tensor, targets: torch.Tensor, num_microbatches: int) -> torch.Tensor:
-    """Accumulate gradients of the mean token loss of this rank's batch; returns that loss (detached).
-
-    Each microbatch's mean loss is divided by the microbatch count, so the accumulated gradient is
-    the gradient of the mean over the rank's whole batch (microbatches hold equal token counts).
-    """
-    total = torch.zeros((), device=tokens.device)
-    for tok, tgt in zip(split_microbatches(tokens, num_microbatches), split_microbatches(targets, num_microbatches)):
-        loss = model.loss(model(tok), tgt).mean() / num_microbatches
-        loss.backward()
-        total += loss.detach()
-    return total
-
-
-def train_step(model, optimizer, tokens, targets, layout: ParallelLayout, num_microbatches: int = 1) -> float:
-    """Forward/backward over this rank's batch, final gradients, optimizer step; returns the global loss."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = forward_backward(model, tokens, targets, num_microbatches)
-    finalize_grads(model, layout)
-    optimizer.step()
+def run_schedule(chunks, plan: PipelinePlan, tokens, targets, layout: ParallelLayout,
+                 forward_only: bool = False) -> float:
+    """Forward (and backward) of this rank's batch under `plan`; returns the DP-averaged mean loss on
+    every rank (the last stage computes it, one broadcast over the pipeline delivers it)."""
+    token_mbs = split_microbatches(tokens, plan.num_microbatches)
+    target_mbs = split_microbatches(targets, plan.num_microbatches)
+    cfg = chunks[0].cfg
+    shape = (token_mbs[0].shape[0], token_mbs[0].shape[1], cfg.hidden_size)
+    dtype = next(chunks[0].parameters()).dtype
+    executor = PipelineExecutor(plan, chunks, layout, shape, dtype)
+    loss = executor.run([t.to(layout.device) for t in token_mbs], [t.to(layout.device) for t in target_mbs],
+                        forward_only=forward_only)
+    comm.broadcast(loss, layout.pp, src_group_rank=layout.pp.size - 1)
     return comm.all_reduce(loss, layout.dp, op="avg").item()
+
+
+def train_step(chunks, optimizer, tokens, targets, layout: ParallelLayout, plan: PipelinePlan) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss = run_schedule(chunks, plan, tokens, targets, layout)
+    finalize_grads(chunks, layout)
+    optimizer.step()
+    return loss

@@ -1,0 +1,164 @@
+"""Runs one pipeline rank's action list: forwards, backwards and the transfers between stages.
+
+- Activation shapes are static (from the config), so no shape handshake precedes a transfer.
+- Consecutive communication actions are posted together, the way Megatron pairs "send forward,
+  receive backward"; sends are asynchronous and a receive is waited on only by the compute action
+  that consumes it. With sends that never block, the plan validator proves the list cannot deadlock.
+- A forward output sent to the next stage is needed later only for its autograd graph: once the
+  send has completed its storage is released (Megatron's "deallocate output tensor").
+- Activations and gradients travel under different tags, because with interleaving one pair of
+  ranks carries both in the same direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.autograd import Variable
+
+from megatron_lite.parallel import comm
+from megatron_lite.parallel.layout import ParallelLayout
+from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan, virtual_stage
+
+ACTIVATION_TAG, GRAD_TAG = 0, 1
+
+
+@dataclass
+class _InFlight:
+    """Per-step bookkeeping, keyed by (microbatch, chunk)."""
+
+    inputs: dict = field(default_factory=dict)      # stage input (requires grad) or token ids
+    outputs: dict = field(default_factory=dict)     # stage output, or the scaled loss on the last stage
+    received: dict = field(default_factory=dict)    # (kind, mb, chunk) -> (buffer, [work])
+    to_send: dict = field(default_factory=dict)     # (kind, mb, chunk) -> tensor ready to send
+    sends: list = field(default_factory=list)       # (work, tensor, key of the output it aliases or None)
+
+
+def _release(tensor: torch.Tensor) -> None:
+    """Drop an output's storage while keeping its autograd graph (its shape is not needed again)."""
+    tensor.data = torch.empty((1,), device=tensor.device, dtype=tensor.dtype)
+
+
+def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """Backward from `output` with `grad` (None: a scalar loss), bypassing the shape check that a
+    released output would fail."""
+    if grad is None:
+        grad = torch.ones_like(output)
+    Variable._execution_engine.run_backward(
+        tensors=(output,), grad_tensors=(grad,), keep_graph=False, create_graph=False, inputs=(),
+        allow_unreachable=True, accumulate_grad=True,
+    )
+
+
+class PipelineExecutor:
+    def __init__(self, plan: PipelinePlan, chunks: list[torch.nn.Module], layout: ParallelLayout,
+                 activation_shape: tuple[int, ...], dtype: torch.dtype = torch.float32):
+        if len(chunks) != plan.virtual_stages:
+            raise ValueError(f"{len(chunks)} model chunks for a plan with {plan.virtual_stages} virtual stages")
+        self.plan, self.chunks, self.layout = plan, chunks, layout
+        self.activation_shape, self.dtype = tuple(activation_shape), dtype
+        self.rank = layout.pp.rank
+        self.actions = plan.actions[self.rank]
+        self.last_stage = plan.num_virtual_stages - 1
+
+    def _stage(self, chunk: int) -> int:
+        return virtual_stage(self.rank, chunk, self.plan.num_stages)
+
+    def run(self, tokens: list[torch.Tensor], targets: list[torch.Tensor], forward_only: bool = False) -> torch.Tensor:
+        """One step over the microbatches; returns the sum of their mean losses divided by their number
+        (meaningful on the rank holding the last stage, zero elsewhere). Gradients accumulate in .grad."""
+        state = _InFlight()
+        loss_sum = torch.zeros((), device=self.layout.device)
+        actions = [a for a in self.actions if not forward_only or a.kind in _FORWARD_KINDS]
+        pending_comm: list[Action] = []
+        for action in actions:
+            if not action.kind.is_compute:
+                pending_comm.append(action)
+                continue
+            self._communicate(pending_comm, state)
+            pending_comm = []
+            self._reap_sends(state)
+            if action.kind == ActionKind.FORWARD:
+                loss = self._forward(action, tokens, targets, state, forward_only)
+                if loss is not None:
+                    loss_sum += loss
+            else:
+                self._backward(action, state)
+        self._communicate(pending_comm, state)
+        for work, _, _ in state.sends:
+            work.wait()
+        return loss_sum
+
+    # ------------------------------------------------------------------ compute
+
+    def _forward(self, action, tokens, targets, state, forward_only):
+        key = (action.microbatch, action.chunk)
+        stage = self._stage(action.chunk)
+        if stage == 0:
+            stage_input = tokens[action.microbatch]
+        else:
+            stage_input = self._wait_received(ActionKind.RECV_ACTIVATION, key, state)
+            stage_input.requires_grad_(not forward_only)
+        with torch.set_grad_enabled(not forward_only):
+            output = self.chunks[action.chunk](stage_input)
+            if stage == self.last_stage:
+                loss = self.chunks[action.chunk].loss(output, targets[action.microbatch]).mean()
+                output = loss / self.plan.num_microbatches
+        if not forward_only:
+            state.inputs[key] = stage_input
+            state.outputs[key] = output
+        if stage == self.last_stage:
+            return output.detach()
+        state.to_send[(ActionKind.SEND_ACTIVATION,) + key] = output.detach()
+        return None
+
+    def _backward(self, action, state):
+        key = (action.microbatch, action.chunk)
+        stage = self._stage(action.chunk)
+        output = state.outputs.pop(key)
+        grad = None if stage == self.last_stage else self._wait_received(ActionKind.RECV_GRAD, key, state)
+        _backward(output, grad)
+        stage_input = state.inputs.pop(key)
+        if stage > 0:
+            state.to_send[(ActionKind.SEND_GRAD,) + key] = stage_input.grad
+
+    # ------------------------------------------------------------------ communication
+
+    def _communicate(self, actions: list[Action], state: _InFlight) -> None:
+        ops = []
+        for action in actions:
+            key = (action.kind, action.microbatch, action.chunk)
+            tag = ACTIVATION_TAG if action.kind in (ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION) else GRAD_TAG
+            if action.kind.is_send:
+                ops.append(comm.P2POp(True, state.to_send.pop(key), action.peer, tag))
+            else:
+                buffer = torch.empty(self.activation_shape, dtype=self.dtype, device=self.layout.device)
+                ops.append(comm.P2POp(False, buffer, action.peer, tag))
+        works = comm.start_p2p(ops, self.layout.pp)
+        for action, op, work in zip(actions, ops, works):
+            if op.is_send:
+                aliases = (action.microbatch, action.chunk) if action.kind == ActionKind.SEND_ACTIVATION else None
+                state.sends.append((work, op.tensor, aliases))
+            else:
+                state.received[(action.kind, action.microbatch, action.chunk)] = (op.tensor, work)
+
+    def _wait_received(self, kind: ActionKind, key: tuple[int, int], state: _InFlight) -> torch.Tensor:
+        buffer, work = state.received.pop((kind,) + key)
+        work.wait()
+        return buffer
+
+    def _reap_sends(self, state: _InFlight) -> None:
+        """Release the storage of forward outputs whose transfer has completed."""
+        still_running = []
+        for work, tensor, output_key in state.sends:
+            if not work.is_completed():
+                still_running.append((work, tensor, output_key))
+                continue
+            work.wait()
+            if output_key in state.outputs:
+                _release(state.outputs[output_key])
+        state.sends = still_running
+
+
+_FORWARD_KINDS = frozenset({ActionKind.FORWARD, ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION})

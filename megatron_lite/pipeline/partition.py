@@ -1,0 +1,55 @@
+"""Which layers live on which pipeline stage, and the model chunks one rank builds.
+
+Virtual stage s (model chunk c on rank r, s = c * p + r) holds a contiguous run of layers; the
+first virtual stage also holds the embedding, the last one the output head and the loss.
+"""
+
+from __future__ import annotations
+
+from megatron_lite.models.config import ModelConfig
+from megatron_lite.models.transformer import TransformerStage, build_model
+from megatron_lite.parallel.layout import ParallelLayout
+from megatron_lite.pipeline.schedules import check_layer_split, virtual_stage
+
+
+def split_layers(num_layers: int, num_stages: int, virtual_stages: int = 1,
+                 layers_per_stage: list[int] | None = None) -> list[list[int]]:
+    """Layer ids per virtual stage. Balanced by default: with v == 1 a remainder goes one layer each
+    to the earliest stages (the last stage already carries the output head and the loss)."""
+    chunks = num_stages * virtual_stages
+    if layers_per_stage is not None:
+        counts = list(layers_per_stage)
+        if len(counts) != chunks or any(c < 1 for c in counts) or sum(counts) != num_layers:
+            raise ValueError(
+                f"parallel.layers_per_stage={counts} must list {chunks} positive counts (one per "
+                f"pipeline stage x virtual stage) summing to model.num_layers={num_layers}"
+            )
+    elif virtual_stages > 1:
+        counts = [check_layer_split(num_layers, num_stages, virtual_stages)] * chunks
+    else:
+        if num_layers < num_stages:
+            raise ValueError(f"model.num_layers={num_layers} is smaller than parallel.pp={num_stages}; "
+                             f"every stage needs at least one layer")
+        base, extra = divmod(num_layers, num_stages)
+        counts = [base + (stage < extra) for stage in range(num_stages)]
+    starts = [sum(counts[:i]) for i in range(chunks)]
+    return [list(range(start, start + count)) for start, count in zip(starts, counts)]
+
+
+def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, seed: int, virtual_stages: int = 1,
+                       layers_per_stage: list[int] | None = None) -> list[TransformerStage]:
+    """This rank's model chunks (one per virtual stage it hosts), weights equal to the serial model's."""
+    p, rank = layout.pp.size, layout.pp.rank
+    layers = split_layers(cfg.num_layers, p, virtual_stages, layers_per_stage)
+    last = p * virtual_stages - 1
+    chunks = []
+    for chunk in range(virtual_stages):
+        stage = virtual_stage(rank, chunk, p)
+        chunks.append(build_model(cfg, layout, seed, layers[stage], first=stage == 0, last=stage == last))
+    return chunks
+
+
+def named_parameters(chunks: list[TransformerStage]):
+    """(global name, parameter) over every chunk; names are the serial model's."""
+    for chunk in chunks:
+        yield from chunk.named_parameters()
