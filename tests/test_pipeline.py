@@ -4,6 +4,7 @@ import pytest
 
 from equivalence import Case
 from megatron_lite.pipeline.partition import split_layers
+from megatron_lite.parallel.spawn import run_on_ranks
 from megatron_lite.pipeline.schedules import build_schedule
 from test_equivalence import check_case
 
@@ -46,3 +47,40 @@ def test_explicit_and_balanced_stage_partitions():
     assert split_layers(8, 2, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     with pytest.raises(ValueError, match=r"layers_per_stage=\[2, 2\] must list 2 positive counts .* summing to model.num_layers=6"):
         split_layers(6, 2, layers_per_stage=[2, 2])
+
+
+def _one_step_traffic(rank, world, m, schedule):
+    import torch
+
+    from equivalence import SEED, TINY_MODELS, global_batches
+    from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
+    from megatron_lite.pipeline.executor import PipelineExecutor
+    from megatron_lite.pipeline.partition import build_model_chunks
+    from megatron_lite.training.step import split_microbatches
+
+    layout = ParallelLayout.from_mesh(ParallelSizes(pp=world))
+    cfg = TINY_MODELS["gpt2_deep"]
+    chunks = build_model_chunks(cfg, layout, SEED)
+    tokens, targets = next(global_batches(cfg.vocab_size, steps=1))
+    plan = build_schedule(schedule, world, m)
+    shape = (tokens.shape[0] // m, tokens.shape[1], cfg.hidden_size)
+    executor = PipelineExecutor(plan, chunks, layout, shape)
+    layout.stats.reset()
+    executor.run(split_microbatches(tokens, m), split_microbatches(targets, m))
+    return dict(layout.stats.bytes), executor.released_outputs, executor.peak_pending_sends, torch.Size(shape).numel() * 4
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_p2p_volume_and_released_outputs(schedule):
+    """Per microbatch and stage boundary: one activation forward and one gradient back, nothing else
+    (no shape handshake). Every sent forward output stops pinning its storage, and under 1F1B send
+    buffers are dropped as the plan proves them delivered, so they do not pile up over the step."""
+    p, m = 4, 8
+    results = run_on_ranks(_one_step_traffic, p, m, schedule)
+    for rank, (traffic, released, peak_sends, activation_bytes) in enumerate(results):
+        boundaries = (rank > 0) + (rank < p - 1)
+        assert traffic.get(("pp", "send"), 0) == boundaries * m * activation_bytes
+        assert traffic.get(("pp", "recv"), 0) == boundaries * m * activation_bytes
+        assert released == (m if rank < p - 1 else 0)
+        if schedule == "1f1b":
+            assert peak_sends <= p + 1, (rank, peak_sends)

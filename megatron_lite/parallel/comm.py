@@ -110,6 +110,12 @@ def split_for_rank(tensor: torch.Tensor, g: CommGroup, dim: int) -> torch.Tensor
     return tensor.chunk(g.size, dim=dim)[g.rank].contiguous()
 
 
+def barrier() -> None:
+    """Wait for every rank of the job (no-op without torch.distributed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def broadcast(tensor: torch.Tensor, g: CommGroup, src_group_rank: int = 0) -> torch.Tensor:
     if g.size == 1:
         return tensor

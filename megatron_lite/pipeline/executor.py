@@ -4,8 +4,10 @@
 - Consecutive communication actions are posted together, the way Megatron pairs "send forward,
   receive backward"; sends are asynchronous and a receive is waited on only by the compute action
   that consumes it. With sends that never block, the plan validator proves the list cannot deadlock.
-- A forward output sent to the next stage is needed later only for its autograd graph: once the
-  send has completed its storage is released (Megatron's "deallocate output tensor").
+- A forward output sent to the next stage is needed later only for its autograd graph, so its
+  storage is released once the send is posted (Megatron's "deallocate output tensor"); the send's
+  own reference keeps the bytes only until the transfer is known complete, which the plan tells
+  (see `send_completion_points`) even where the transport cannot (gloo).
 - Activations and gradients travel under different tags, because with interleaving one pair of
   ranks carries both in the same direction.
 """
@@ -32,7 +34,7 @@ class _InFlight:
     outputs: dict = field(default_factory=dict)     # stage output, or the scaled loss on the last stage
     received: dict = field(default_factory=dict)    # (kind, mb, chunk) -> (buffer, [work])
     to_send: dict = field(default_factory=dict)     # (kind, mb, chunk) -> tensor ready to send
-    sends: list = field(default_factory=list)       # (work, tensor, key of the output it aliases or None)
+    sends: dict = field(default_factory=dict)       # message key -> (work, tensor) until known complete
 
 
 def _release(tensor: torch.Tensor) -> None:
@@ -51,6 +53,52 @@ def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
     )
 
 
+def _message_key(action: Action, rank: int, p: int) -> tuple:
+    """Identity of the message a send or receive action carries: (direction, microbatch, consumer
+    virtual stage)."""
+    stage = virtual_stage(rank, action.chunk, p)
+    if action.kind == ActionKind.SEND_ACTIVATION:
+        return ("activation", action.microbatch, stage + 1)
+    if action.kind == ActionKind.SEND_GRAD:
+        return ("grad", action.microbatch, stage - 1)
+    return ("activation" if action.kind == ActionKind.RECV_ACTIVATION else "grad", action.microbatch, stage)
+
+
+def send_completion_points(plan: PipelinePlan, rank: int) -> dict[tuple, list[tuple]]:
+    """For each receive on `rank` (by message key): the sends of `rank` known complete once it arrives.
+
+    A send S to peer P is complete once `rank` has received any message that P sent after the
+    compute that consumed S (P waits on S before that compute). Transports such as gloo report a
+    send complete only when waited on, so these points are where the executor can drop sent buffers
+    early without ever blocking.
+    """
+    p = plan.num_stages
+    position = {}  # message key -> (rank, index) of its receive and of the compute that consumes it
+    sent_at = {}   # message key -> (rank, index) of its send
+    for r, actions in enumerate(plan.actions):
+        for i, action in enumerate(actions):
+            if action.kind.is_recv:
+                consume = next(j for j in range(i + 1, len(actions)) if actions[j].kind.is_compute)
+                position[_message_key(action, r, p)] = consume
+            elif action.kind.is_send:
+                sent_at[_message_key(action, r, p)] = (r, i)
+    points: dict[tuple, list[tuple]] = {}
+    actions = plan.actions[rank]
+    for i, send in enumerate(actions):
+        if not send.kind.is_send:
+            continue
+        sent = _message_key(send, rank, p)
+        consumed_at = position[sent]
+        for later in actions[i + 1:]:
+            if not later.kind.is_recv or later.peer != send.peer:
+                continue
+            key = _message_key(later, rank, p)
+            if sent_at[key][1] > consumed_at:
+                points.setdefault(key, []).append(sent)
+                break
+    return points
+
+
 class PipelineExecutor:
     def __init__(self, plan: PipelinePlan, chunks: list[torch.nn.Module], layout: ParallelLayout,
                  activation_shape: tuple[int, ...], dtype: torch.dtype = torch.float32):
@@ -61,6 +109,9 @@ class PipelineExecutor:
         self.rank = layout.pp.rank
         self.actions = plan.actions[self.rank]
         self.last_stage = plan.num_virtual_stages - 1
+        self.completion_points = send_completion_points(plan, self.rank)
+        self.released_outputs = 0  # forward outputs whose storage our graph no longer pins
+        self.peak_pending_sends = 0  # most sends whose buffers were held at once
 
     def _stage(self, chunk: int) -> int:
         return virtual_stage(self.rank, chunk, self.plan.num_stages)
@@ -78,7 +129,6 @@ class PipelineExecutor:
                 continue
             self._communicate(pending_comm, state)
             pending_comm = []
-            self._reap_sends(state)
             if action.kind == ActionKind.FORWARD:
                 loss = self._forward(action, tokens, targets, state, forward_only)
                 if loss is not None:
@@ -86,7 +136,7 @@ class PipelineExecutor:
             else:
                 self._backward(action, state)
         self._communicate(pending_comm, state)
-        for work, _, _ in state.sends:
+        for work, _ in state.sends.values():
             work.wait()
         return loss_sum
 
@@ -136,29 +186,28 @@ class PipelineExecutor:
                 buffer = torch.empty(self.activation_shape, dtype=self.dtype, device=self.layout.device)
                 ops.append(comm.P2POp(False, buffer, action.peer, tag))
         works = comm.start_p2p(ops, self.layout.pp)
+        self.peak_pending_sends = max(self.peak_pending_sends, len(state.sends) + sum(op.is_send for op in ops))
         for action, op, work in zip(actions, ops, works):
             if op.is_send:
-                aliases = (action.microbatch, action.chunk) if action.kind == ActionKind.SEND_ACTIVATION else None
-                state.sends.append((work, op.tensor, aliases))
+                state.sends[_message_key(action, self.rank, self.plan.num_stages)] = (work, op.tensor)
+                output = state.outputs.get((action.microbatch, action.chunk))
+                if action.kind == ActionKind.SEND_ACTIVATION and output is not None:
+                    # The send holds the bytes while it needs them; the output kept for backward only
+                    # needs its autograd graph, so it stops pinning the storage now.
+                    _release(output)
+                    self.released_outputs += 1
             else:
                 state.received[(action.kind, action.microbatch, action.chunk)] = (op.tensor, work)
 
     def _wait_received(self, kind: ActionKind, key: tuple[int, int], state: _InFlight) -> torch.Tensor:
         buffer, work = state.received.pop((kind,) + key)
         work.wait()
+        message = _message_key(Action(kind, key[0], key[1]), self.rank, self.plan.num_stages)
+        for sent in self.completion_points.get(message, ()):
+            entry = state.sends.pop(sent, None)  # None: a backward send that a forward-only run skips
+            if entry is not None:
+                entry[0].wait()  # already complete: returns at once and frees the send buffer
         return buffer
-
-    def _reap_sends(self, state: _InFlight) -> None:
-        """Release the storage of forward outputs whose transfer has completed."""
-        still_running = []
-        for work, tensor, output_key in state.sends:
-            if not work.is_completed():
-                still_running.append((work, tensor, output_key))
-                continue
-            work.wait()
-            if output_key in state.outputs:
-                _release(state.outputs[output_key])
-        state.sends = still_running
 
 
 _FORWARD_KINDS = frozenset({ActionKind.FORWARD, ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION})

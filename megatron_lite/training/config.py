@@ -14,6 +14,8 @@ class ParallelConfig:
     pp: int = 1
     dp: int = 1
     microbatches: int = 1
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    virtual_stages: int = 1
 
 
 @dataclass

@@ -15,21 +15,22 @@ from megatron_lite.data.sampler import DistributedBatchSampler, get_batch
 from megatron_lite.data.tokenizer import ByteTokenizer
 from megatron_lite.models.config import check_model_fits_layout
 from megatron_lite.models.presets import model_preset
-from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes, check_sizes
+from megatron_lite.pipeline.partition import build_model_chunks, named_parameters, split_layers
+from megatron_lite.pipeline.schedules import PipelinePlan, build_schedule
 from megatron_lite.training.config import RunConfig
-from megatron_lite.training.step import train_step
+from megatron_lite.training.step import run_schedule, train_step
 
 
 def check_run_config(cfg: RunConfig, world_size: int) -> None:
     """Everything that can be checked before a process group exists."""
     sizes = ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp)
     check_sizes(sizes, world_size)
-    if sizes.pp != 1:
-        raise ValueError(f"parallel.pp={sizes.pp}: pipeline parallelism is not wired into the trainer yet; use pp=1")
     model_cfg = model_preset(cfg.model)
     check_model_fits_layout(model_cfg, sizes)
+    pipeline_plan(cfg)
+    split_layers(model_cfg.num_layers, sizes.pp, cfg.parallel.virtual_stages)
     if cfg.trainer.seq_length > model_cfg.max_seq_len:
         raise ValueError(f"trainer.seq_length={cfg.trainer.seq_length} exceeds the model's max_seq_len="
                          f"{model_cfg.max_seq_len}")
@@ -43,6 +44,14 @@ def cosine_lr(step: int, cfg: RunConfig) -> float:
     return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def pipeline_plan(cfg: RunConfig) -> PipelinePlan:
+    par = cfg.parallel
+    try:
+        return build_schedule(par.schedule, par.pp, par.microbatches, par.virtual_stages)
+    except ValueError as err:
+        raise ValueError(f"parallel.schedule={par.schedule!r}: {err}") from None
+
+
 def build_layout(cfg: RunConfig) -> ParallelLayout:
     if not dist.is_initialized():
         check_run_config(cfg, 1)
@@ -52,15 +61,16 @@ def build_layout(cfg: RunConfig) -> ParallelLayout:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, layout: ParallelLayout, cfg: RunConfig) -> float:
-    model.eval()
+def evaluate(chunks, plan: PipelinePlan, dataset, layout: ParallelLayout, cfg: RunConfig) -> float:
+    """Mean loss over `eval_batches` global batches of `dataset`, through a forward-only pipeline."""
+    for chunk in chunks:
+        chunk.eval()
     sampler = DistributedBatchSampler(None, cfg.global_batch_size, layout.dp.rank, layout.dp.size)
-    total = torch.zeros(())
-    for _, indices in zip(range(cfg.trainer.eval_batches), sampler):
-        tokens, targets = get_batch(dataset, indices)
-        total += model.loss(model(tokens), targets).mean()
-    model.train()
-    return comm.all_reduce(total / cfg.trainer.eval_batches, layout.dp, op="avg").item()
+    losses = [run_schedule(chunks, plan, *get_batch(dataset, indices), layout, forward_only=True)
+              for _, indices in zip(range(cfg.trainer.eval_batches), sampler)]
+    for chunk in chunks:
+        chunk.train()
+    return sum(losses) / len(losses)
 
 
 def train(cfg: RunConfig) -> dict:
@@ -68,18 +78,23 @@ def train(cfg: RunConfig) -> dict:
     layout = build_layout(cfg)
     logging_rank = layout.rank == 0
     tokenizer = ByteTokenizer()
+    if layout.rank == 0:  # one rank tokenizes; the others then find valid files and skip the work
+        prepare_shakespeare(cfg.data.cache_dir, tokenizer)
+    comm.barrier()
     prefixes = prepare_shakespeare(cfg.data.cache_dir, tokenizer)
     train_set = GPTWindowDataset(IndexedTokens(prefixes["train"]), cfg.trainer.seq_length, cfg.seed)
     valid_set = GPTWindowDataset(IndexedTokens(prefixes["validation"]), cfg.trainer.seq_length, cfg.seed)
 
-    model = build_model(model_preset(cfg.model), layout, seed=cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+    chunks = build_model_chunks(model_preset(cfg.model), layout, cfg.seed, cfg.parallel.virtual_stages)
+    plan = pipeline_plan(cfg)
+    params = [p for _, p in named_parameters(chunks)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     sampler = DistributedBatchSampler(None, cfg.global_batch_size, layout.dp.rank, layout.dp.size)
     tokens_per_step = cfg.global_batch_size * cfg.trainer.seq_length
     if logging_rank:
-        params = sum(p.numel() for p in model.parameters())
-        print(f"{cfg.model}: {params:,} parameters on rank 0 | tp={layout.tp.size} dp={layout.dp.size} | "
+        print(f"{cfg.model}: {sum(p.numel() for p in params):,} parameters on rank 0 | tp={layout.tp.size} "
+              f"pp={layout.pp.size} dp={layout.dp.size} {plan.name} m={plan.num_microbatches} | "
               f"global batch {cfg.global_batch_size} x {cfg.trainer.seq_length} tokens", flush=True)
 
     history = {"train_loss": [], "val_loss": []}
@@ -88,7 +103,7 @@ def train(cfg: RunConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, cfg)
         tokens, targets = get_batch(train_set, indices)
-        loss = train_step(model, optimizer, tokens, targets, layout, cfg.parallel.microbatches)
+        loss = train_step(chunks, optimizer, tokens, targets, layout, plan)
         history["train_loss"].append(loss)
         last = step + 1 == cfg.trainer.max_steps
         if logging_rank and (step % cfg.trainer.log_interval == 0 or last):
@@ -96,7 +111,7 @@ def train(cfg: RunConfig) -> dict:
             print(f"step {step:5d} | loss {loss:.4f} | lr {cosine_lr(step, cfg):.2e} | "
                   f"{tokens_per_step * (step + 1) / elapsed:,.0f} tokens/s", flush=True)
         if (step + 1) % cfg.trainer.eval_interval == 0 or last:
-            val = evaluate(model, valid_set, layout, cfg)
+            val = evaluate(chunks, plan, valid_set, layout, cfg)
             history["val_loss"].append(val)
             if logging_rank:
                 print(f"step {step:5d} | validation loss {val:.4f} | perplexity {math.exp(val):.2f}", flush=True)
