@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_lite.models.config import gpt2_config, llama_config
+from megatron_lite.models.config import BuildOptions, gpt2_config, llama_config
 from megatron_lite.models.transformer import WORD_EMBEDDING
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
@@ -49,6 +49,10 @@ class Case:
     microbatches: int = 1
     schedule: str = "1f1b"
     virtual_stages: int = 1
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    zero1: bool = False
+    grad_clip: float | None = None
 
     @property
     def world(self) -> int:
@@ -58,7 +62,15 @@ class Case:
         text = f"{self.model} tp={self.tp} pp={self.pp} dp={self.dp} m={self.microbatches}"
         if self.pp > 1:
             text += f" {self.schedule}" + (f" v={self.virtual_stages}" if self.virtual_stages > 1 else "")
+        for flag, label in ((self.sequence_parallel, "sp"), (self.zero1, "zero1")):
+            text += f" {label}" if flag else ""
+        text += f" recompute={self.recompute}" if self.recompute != "none" else ""
+        text += f" clip={self.grad_clip}" if self.grad_clip is not None else ""
         return text
+
+    @property
+    def options(self) -> BuildOptions:
+        return BuildOptions(sequence_parallel=self.sequence_parallel, recompute=self.recompute)
 
 
 def global_batches(vocab: int, steps: int = STEPS):
@@ -80,9 +92,8 @@ def run_training(case: Case, layout: ParallelLayout) -> dict:
     TP (vocabulary) and DP (batch), parameters over TP and PP, so everything compares with one process.
     """
     cfg = TINY_MODELS[case.model]
-    chunks = build_model_chunks(cfg, layout, SEED, case.virtual_stages)
-    params = [p for _, p in named_parameters(chunks)]
-    optimizer = torch.optim.AdamW(params, lr=LR, eps=ADAM_EPS, weight_decay=0.1)
+    chunks = build_model_chunks(cfg, layout, SEED, case.virtual_stages, options=case.options)
+    optimizer = make_optimizer(case, chunks, layout)
     plan = build_schedule(case.schedule, layout.pp.size, case.microbatches, case.virtual_stages)
     dp = layout.dp
     record = {"logits": [], "loss": [], "grads": [], "weights": None, "eval_loss": None}
@@ -98,6 +109,12 @@ def run_training(case: Case, layout: ParallelLayout) -> dict:
         record["eval_loss"] = run_schedule(chunks, plan, tokens.chunk(dp.size)[dp.rank],
                                            targets.chunk(dp.size)[dp.rank], layout, forward_only=True)
     return record
+
+
+def make_optimizer(case: Case, chunks, layout):
+    """The optimizer under test (plain AdamW until the framework's own optimizer lands)."""
+    params = [p for _, p in named_parameters(chunks)]
+    return torch.optim.AdamW(params, lr=LR, eps=ADAM_EPS, weight_decay=0.1)
 
 
 def _full_logits(model, tokens, layout):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
+
 from megatron_lite.parallel.layout import ParallelSizes
 
 NORMS = ("layernorm", "rmsnorm")
@@ -29,6 +31,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     vocab_pad_multiple: int = 1  # vocabulary padded to a multiple of tp * this (Megatron uses 128)
+    dropout: float = 0.0  # on attention probabilities and on each residual branch
 
     def __post_init__(self):
         for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("position", POSITIONS)):
@@ -61,6 +64,27 @@ class ModelConfig:
 
     def with_(self, **changes) -> "ModelConfig":
         return replace(self, **changes)
+
+
+RECOMPUTE = ("none", "full", "selective")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How this run builds and executes the model; none of it changes what the model computes.
+
+    sequence_parallel: activations between TP blocks split along the sequence over TP ranks.
+    recompute: "full" recomputes each layer in backward, "selective" only the attention core.
+    dtype: parameter and compute dtype (bf16/fp16 keep fp32 master weights in the optimizer).
+    """
+
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute={self.recompute!r} is not one of {RECOMPUTE}")
 
 
 def gpt2_config(**overrides) -> ModelConfig:

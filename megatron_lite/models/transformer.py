@@ -17,7 +17,7 @@ from megatron_lite.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.layers.embedding import VocabParallelEmbedding, vocab_shard_spec
 from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.layers.regions import enter_tp_region
-from megatron_lite.models.config import ModelConfig
+from megatron_lite.models.config import BuildOptions, ModelConfig
 from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.parallel.sharding import initialize_parameters, make_param, replicated_spec
@@ -177,9 +177,10 @@ class TransformerStage(torch.nn.Module):
     vocabulary slice of the logits on the last stage; loss() turns those logits into per-token losses.
     """
 
-    def __init__(self, cfg: ModelConfig, layout: ParallelLayout, layer_ids, *, first: bool, last: bool):
+    def __init__(self, cfg: ModelConfig, layout: ParallelLayout, layer_ids, *, first: bool, last: bool,
+                 options: BuildOptions = BuildOptions()):
         super().__init__()
-        self.cfg, self.layout = cfg, layout
+        self.cfg, self.layout, self.options = cfg, layout, options
         tp = layout.tp
         self.embedding = Embedding(cfg, tp) if first else None
         self.layers = torch.nn.ModuleDict({str(i): TransformerLayer(cfg, tp) for i in layer_ids})
@@ -196,6 +197,12 @@ class TransformerStage(torch.nn.Module):
             x = layer(x)
         return self.head(x) if self.head is not None else x
 
+    def activation_shape(self, micro_batch: int, seq_length: int) -> tuple[int, int, int]:
+        """Shape of the hidden states this stage receives from / sends to its pipeline neighbours."""
+        if self.options.sequence_parallel:
+            seq_length //= self.layout.tp.size
+        return (micro_batch, seq_length, self.cfg.hidden_size)
+
     def tied_embedding_weight(self) -> torch.nn.Parameter | None:
         """The half of a tied input/output embedding that lives apart from the other half (pipeline
         ends): its gradient is summed with its twin's. None when untied or both halves are here."""
@@ -210,9 +217,9 @@ class TransformerStage(torch.nn.Module):
 
 
 def build_model(cfg: ModelConfig, layout: ParallelLayout, seed: int, layer_ids=None, *, first: bool = True,
-                last: bool = True) -> TransformerStage:
+                last: bool = True, options: BuildOptions = BuildOptions()) -> TransformerStage:
     """Build (a stage of) the model with weights equal to the serial model's for the same seed."""
     layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
-    model = TransformerStage(cfg, layout, layer_ids, first=first, last=last)
+    model = TransformerStage(cfg, layout, layer_ids, first=first, last=last, options=options)
     initialize_parameters(model, seed)
-    return model.to(layout.device)
+    return model.to(device=layout.device, dtype=options.dtype)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.autograd import Variable
@@ -116,10 +117,19 @@ class PipelineExecutor:
     def _stage(self, chunk: int) -> int:
         return virtual_stage(self.rank, chunk, self.plan.num_stages)
 
-    def run(self, tokens: list[torch.Tensor], targets: list[torch.Tensor], forward_only: bool = False) -> torch.Tensor:
+    def run(self, tokens: list[torch.Tensor], targets: list[torch.Tensor], forward_only: bool = False,
+            loss_scale: float = 1.0, before_last_backward: Callable[[int], None] | None = None) -> torch.Tensor:
         """One step over the microbatches; returns the sum of their mean losses divided by their number
-        (meaningful on the rank holding the last stage, zero elsewhere). Gradients accumulate in .grad."""
+        (meaningful on the rank holding the last stage, zero elsewhere). Gradients accumulate in .grad.
+
+        loss_scale: multiplies the loss before backward (fp16 dynamic loss scaling); the returned loss
+            is unscaled.
+        before_last_backward(chunk): called right before the last microbatch's backward of each model
+            chunk, so gradient reduction can start as that chunk's gradients become final.
+        """
         state = _InFlight()
+        self.loss_scale, self.before_last_backward = loss_scale, before_last_backward
+        self.backwards_done = [0] * len(self.chunks)
         loss_sum = torch.zeros((), device=self.layout.device)
         actions = [a for a in self.actions if not forward_only or a.kind in _FORWARD_KINDS]
         pending_comm: list[Action] = []
@@ -168,6 +178,11 @@ class PipelineExecutor:
         stage = self._stage(action.chunk)
         output = state.outputs.pop(key)
         grad = None if stage == self.last_stage else self._wait_received(ActionKind.RECV_GRAD, key, state)
+        if stage == self.last_stage and self.loss_scale != 1.0:
+            output = output * self.loss_scale
+        self.backwards_done[action.chunk] += 1
+        if self.before_last_backward and self.backwards_done[action.chunk] == self.plan.num_microbatches:
+            self.before_last_backward(action.chunk)
         _backward(output, grad)
         stage_input = state.inputs.pop(key)
         if stage > 0:

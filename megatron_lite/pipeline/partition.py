@@ -6,7 +6,7 @@ first virtual stage also holds the embedding, the last one the output head and t
 
 from __future__ import annotations
 
-from megatron_lite.models.config import ModelConfig
+from megatron_lite.models.config import BuildOptions, ModelConfig
 from megatron_lite.models.transformer import TransformerStage, build_model
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.pipeline.schedules import check_layer_split, virtual_stage
@@ -37,7 +37,8 @@ def split_layers(num_layers: int, num_stages: int, virtual_stages: int = 1,
 
 
 def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, seed: int, virtual_stages: int = 1,
-                       layers_per_stage: list[int] | None = None) -> list[TransformerStage]:
+                       layers_per_stage: list[int] | None = None,
+                       options: BuildOptions = BuildOptions()) -> list[TransformerStage]:
     """This rank's model chunks (one per virtual stage it hosts), weights equal to the serial model's."""
     p, rank = layout.pp.size, layout.pp.rank
     layers = split_layers(cfg.num_layers, p, virtual_stages, layers_per_stage)
@@ -45,7 +46,8 @@ def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, seed: int, virt
     chunks = []
     for chunk in range(virtual_stages):
         stage = virtual_stage(rank, chunk, p)
-        chunks.append(build_model(cfg, layout, seed, layers[stage], first=stage == 0, last=stage == last))
+        chunks.append(build_model(cfg, layout, seed, layers[stage], first=stage == 0, last=stage == last,
+                                  options=options))
     return chunks
 
 

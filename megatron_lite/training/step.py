@@ -24,17 +24,16 @@ def split_microbatches(tensor: torch.Tensor, num_microbatches: int) -> list[torc
 
 
 def run_schedule(chunks, plan: PipelinePlan, tokens, targets, layout: ParallelLayout,
-                 forward_only: bool = False) -> float:
+                 forward_only: bool = False, loss_scale: float = 1.0, before_last_backward=None) -> float:
     """Forward (and backward) of this rank's batch under `plan`; returns the DP-averaged mean loss on
     every rank (the last stage computes it, one broadcast over the pipeline delivers it)."""
     token_mbs = split_microbatches(tokens, plan.num_microbatches)
     target_mbs = split_microbatches(targets, plan.num_microbatches)
-    cfg = chunks[0].cfg
-    shape = (token_mbs[0].shape[0], token_mbs[0].shape[1], cfg.hidden_size)
-    dtype = next(chunks[0].parameters()).dtype
+    shape = chunks[0].activation_shape(token_mbs[0].shape[0], token_mbs[0].shape[1])
+    dtype = chunks[0].options.dtype
     executor = PipelineExecutor(plan, chunks, layout, shape, dtype)
     loss = executor.run([t.to(layout.device) for t in token_mbs], [t.to(layout.device) for t in target_mbs],
-                        forward_only=forward_only)
+                        forward_only=forward_only, loss_scale=loss_scale, before_last_backward=before_last_backward)
     comm.broadcast(loss, layout.pp, src_group_rank=layout.pp.size - 1)
     return comm.all_reduce(loss, layout.dp, op="avg").item()
 
