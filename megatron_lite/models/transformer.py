@@ -8,10 +8,12 @@ gradient checks and checkpoints layout-independent.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.layers.embedding import VocabParallelEmbedding, vocab_shard_spec
@@ -20,21 +22,41 @@ from megatron_lite.layers.regions import enter_tp_region
 from megatron_lite.models.config import BuildOptions, ModelConfig
 from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.layout import ParallelLayout
+from megatron_lite.parallel.random import DropoutRNG, dropout
 from megatron_lite.parallel.sharding import initialize_parameters, make_param, replicated_spec
 
 WORD_EMBEDDING = "embedding.word.weight"
 
 
-class Norm(torch.nn.Module):
-    """LayerNorm or RMSNorm with replicated weights."""
+@dataclass(frozen=True)
+class StageContext:
+    """What every block of a stage needs to know about how it runs."""
 
-    def __init__(self, cfg: ModelConfig):
+    cfg: ModelConfig
+    tp: CommGroup
+    options: BuildOptions
+    rng: DropoutRNG
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.options.sequence_parallel and self.tp.size > 1
+
+    def residual_generator(self) -> torch.Generator:
+        """Between TP blocks activations are replicated over TP, or split along the sequence with SP."""
+        return self.rng.tensor_parallel if self.sequence_parallel else self.rng.replicated
+
+
+class Norm(torch.nn.Module):
+    """LayerNorm or RMSNorm with replicated weights (partial gradients per TP rank under SP)."""
+
+    def __init__(self, ctx: StageContext):
         super().__init__()
+        cfg = ctx.cfg
         self.kind, self.eps = cfg.norm, cfg.norm_eps
-        shape = (cfg.hidden_size,)
-        self.weight = make_param(replicated_spec(shape, init="ones"))
+        shape, partial = (cfg.hidden_size,), ctx.sequence_parallel
+        self.weight = make_param(replicated_spec(shape, init="ones", grad_sum_over_tp=partial))
         with_bias = cfg.norm == "layernorm" and cfg.bias
-        self.bias = make_param(replicated_spec(shape, init="zeros")) if with_bias else None
+        self.bias = make_param(replicated_spec(shape, init="zeros", grad_sum_over_tp=partial)) if with_bias else None
 
     def forward(self, x):
         if self.kind == "rmsnorm":
@@ -64,9 +86,10 @@ class RotaryEmbedding(torch.nn.Module):
 class Attention(torch.nn.Module):
     """Heads split over TP; KV heads split too, or replicated when TP exceeds their number."""
 
-    def __init__(self, cfg: ModelConfig, tp: CommGroup, layer_std: float):
+    def __init__(self, ctx: StageContext, layer_std: float):
         super().__init__()
-        self.tp = tp
+        cfg, tp = ctx.cfg, ctx.tp
+        self.ctx = ctx
         self.heads = cfg.num_heads // tp.size
         self.kv_heads = max(cfg.kv_heads // tp.size, 1)
         self.head_dim = cfg.head_dim
@@ -76,35 +99,50 @@ class Attention(torch.nn.Module):
         self.q_proj = ColumnParallelLinear(h, h, tp, **column)
         self.k_proj = ColumnParallelLinear(h, kv_width, tp, num_chunks=kv_chunks, **column)
         self.v_proj = ColumnParallelLinear(h, kv_width, tp, num_chunks=kv_chunks, **column)
-        self.o_proj = RowParallelLinear(h, h, tp, bias=cfg.bias, std=layer_std)
+        self.o_proj = RowParallelLinear(h, h, tp, bias=cfg.bias, std=layer_std, sequence_parallel=ctx.sequence_parallel)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
 
     def forward(self, x):
-        x = enter_tp_region(x, self.tp)
+        x = enter_tp_region(x, self.ctx.tp, self.ctx.sequence_parallel)
         q = rearrange(self.q_proj(x), "b s (h d) -> b h s d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b s (h d) -> b h s d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b s (h d) -> b h s d", d=self.head_dim)
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
+        if self.ctx.options.recompute == "selective":
+            out = checkpoint(self.core, q, k, v, use_reentrant=False, context_fn=self.ctx.rng.recompute_contexts)
+        else:
+            out = self.core(q, k, v)
+        return self.o_proj(rearrange(out, "b h s d -> b s (h d)"))
+
+    def core(self, q, k, v):
+        """softmax(q k^T / sqrt(d)) v with causal mask: the part selective recomputation recomputes."""
         group = self.heads // self.kv_heads
         k = repeat(k, "b h s d -> b (h g) s d", g=group)
         v = repeat(v, "b h s d -> b (h g) s d", g=group)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(rearrange(out, "b h s d -> b s (h d)"))
+        p = self.ctx.cfg.dropout
+        if p == 0.0 or not self.training:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Explicit form: SDPA's dropout draws from the global generator, not the TP-aware one.
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        return dropout(probs, p, self.ctx.rng.tensor_parallel, True) @ v
 
 
 class MLP(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: CommGroup, layer_std: float):
+    def __init__(self, ctx: StageContext, layer_std: float):
         super().__init__()
-        self.tp, self.activation = tp, cfg.activation
+        cfg, tp = ctx.cfg, ctx.tp
+        self.ctx, self.activation = ctx, cfg.activation
         h, f = cfg.hidden_size, cfg.ffn_size
         column = dict(bias=cfg.bias, std=cfg.init_std, enter_region=False)
         self.up_proj = ColumnParallelLinear(h, f, tp, **column)
         self.gate_proj = ColumnParallelLinear(h, f, tp, **column) if cfg.activation == "swiglu" else None
-        self.down_proj = RowParallelLinear(f, h, tp, bias=cfg.bias, std=layer_std)
+        self.down_proj = RowParallelLinear(f, h, tp, bias=cfg.bias, std=layer_std, sequence_parallel=ctx.sequence_parallel)
 
     def forward(self, x):
-        x = enter_tp_region(x, self.tp)
+        x = enter_tp_region(x, self.ctx.tp, self.ctx.sequence_parallel)
         if self.gate_proj is not None:
             hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
@@ -113,45 +151,60 @@ class MLP(torch.nn.Module):
 
 
 class TransformerLayer(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: CommGroup):
+    def __init__(self, ctx: StageContext):
         super().__init__()
         # GPT-2's scaled init of the projections that write into the residual stream.
-        layer_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        self.attn_norm = Norm(cfg)
-        self.attention = Attention(cfg, tp, layer_std)
-        self.mlp_norm = Norm(cfg)
-        self.mlp = MLP(cfg, tp, layer_std)
+        layer_std = ctx.cfg.init_std / math.sqrt(2 * ctx.cfg.num_layers)
+        self.ctx = ctx
+        self.attn_norm = Norm(ctx)
+        self.attention = Attention(ctx, layer_std)
+        self.mlp_norm = Norm(ctx)
+        self.mlp = MLP(ctx, layer_std)
 
     def forward(self, x):
-        x = x + self.attention(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        if self.ctx.options.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False, context_fn=self.ctx.rng.recompute_contexts)
+        return self._forward(x)
+
+    def _forward(self, x):
+        p, generator = self.ctx.cfg.dropout, self.ctx.residual_generator()
+        x = x + dropout(self.attention(self.attn_norm(x)), p, generator, self.training)
+        return x + dropout(self.mlp(self.mlp_norm(x)), p, generator, self.training)
 
 
 class Embedding(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: CommGroup):
+    """Token (+ learned position) embedding; under SP the output is this rank's sequence slice."""
+
+    def __init__(self, ctx: StageContext):
         super().__init__()
-        self.word = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, pad_multiple=cfg.vocab_pad_multiple,
-                                           std=cfg.init_std)
+        cfg = self.cfg = ctx.cfg
+        self.ctx = ctx
+        self.word = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx.tp, pad_multiple=cfg.vocab_pad_multiple,
+                                           std=cfg.init_std, sequence_parallel=ctx.sequence_parallel)
         self.position = (
-            make_param(replicated_spec((cfg.max_seq_len, cfg.hidden_size), std=cfg.init_std))
+            make_param(replicated_spec((cfg.max_seq_len, cfg.hidden_size), std=cfg.init_std,
+                                       grad_sum_over_tp=ctx.sequence_parallel))
             if cfg.position == "learned" else None
         )
 
     def forward(self, token_ids):
         x = self.word(token_ids)
         if self.position is not None:
-            x = x + self.position[: token_ids.shape[1]]
-        return x
+            positions = self.position[: token_ids.shape[1]]
+            if self.ctx.sequence_parallel:
+                positions = positions.chunk(self.ctx.tp.size)[self.ctx.tp.rank]
+            x = x + positions
+        return dropout(x, self.cfg.dropout, self.ctx.residual_generator(), self.training)
 
 
 class LMHead(torch.nn.Module):
     """Final norm and vocabulary-parallel logits; holds its own weight unless tied to the embedding."""
 
-    def __init__(self, cfg: ModelConfig, tp: CommGroup, tied_to: VocabParallelEmbedding | None,
-                 tied_copy: bool = False):
+    def __init__(self, ctx: StageContext, tied_to: VocabParallelEmbedding | None, tied_copy: bool = False):
         super().__init__()
-        self.tp = tp
-        self.norm = Norm(cfg)
+        cfg, tp = ctx.cfg, ctx.tp
+        self.tp, self.sequence_parallel = tp, ctx.sequence_parallel
+        self.norm = Norm(ctx)
         # A plain list keeps the tied weight from being registered (and counted) twice.
         self._tied = [tied_to] if tied_to is not None else []
         if tied_to is None:
@@ -166,7 +219,7 @@ class LMHead(torch.nn.Module):
         return self._tied[0].weight if self._tied else self.weight
 
     def forward(self, x):
-        x = enter_tp_region(self.norm(x), self.tp)
+        x = enter_tp_region(self.norm(x), self.tp, self.sequence_parallel)
         return F.linear(x, self.output_weight())
 
 
@@ -178,16 +231,18 @@ class TransformerStage(torch.nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, layout: ParallelLayout, layer_ids, *, first: bool, last: bool,
-                 options: BuildOptions = BuildOptions()):
+                 options: BuildOptions = BuildOptions(), seed: int = 0):
         super().__init__()
         self.cfg, self.layout, self.options = cfg, layout, options
-        tp = layout.tp
-        self.embedding = Embedding(cfg, tp) if first else None
-        self.layers = torch.nn.ModuleDict({str(i): TransformerLayer(cfg, tp) for i in layer_ids})
+        layer_ids = list(layer_ids)
+        stream = f"layers{layer_ids[0] if layer_ids else 'none'}"
+        ctx = StageContext(cfg, layout.tp, options, DropoutRNG(seed, layout, stream))
+        self.embedding = Embedding(ctx) if first else None
+        self.layers = torch.nn.ModuleDict({str(i): TransformerLayer(ctx) for i in layer_ids})
         self.head = None
         if last:
             tied_here = cfg.tie_embeddings and first
-            self.head = LMHead(cfg, tp, self.embedding.word if tied_here else None,
+            self.head = LMHead(ctx, self.embedding.word if tied_here else None,
                                tied_copy=cfg.tie_embeddings and not first)
 
     def forward(self, x):
@@ -199,8 +254,12 @@ class TransformerStage(torch.nn.Module):
 
     def activation_shape(self, micro_batch: int, seq_length: int) -> tuple[int, int, int]:
         """Shape of the hidden states this stage receives from / sends to its pipeline neighbours."""
-        if self.options.sequence_parallel:
-            seq_length //= self.layout.tp.size
+        tp = self.layout.tp.size
+        if self.options.sequence_parallel and tp > 1:
+            if seq_length % tp:
+                raise ValueError(f"sequence parallelism needs the sequence length ({seq_length}) to be divisible "
+                                 f"by parallel.tp={tp}")
+            seq_length //= tp
         return (micro_batch, seq_length, self.cfg.hidden_size)
 
     def tied_embedding_weight(self) -> torch.nn.Parameter | None:
@@ -220,6 +279,6 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, seed: int, layer_ids=N
                 last: bool = True, options: BuildOptions = BuildOptions()) -> TransformerStage:
     """Build (a stage of) the model with weights equal to the serial model's for the same seed."""
     layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
-    model = TransformerStage(cfg, layout, layer_ids, first=first, last=last, options=options)
+    model = TransformerStage(cfg, layout, layer_ids, first=first, last=last, options=options, seed=seed)
     initialize_parameters(model, seed)
     return model.to(device=layout.device, dtype=options.dtype)

@@ -25,23 +25,47 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+# Bytes a rank sends per byte of the full tensor, for ring algorithms over n ranks.
+_WIRE_FACTOR = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "broadcast": lambda n: 1.0,
+    "send": lambda n: 1.0,
+    "recv": lambda n: 0.0,
+}
+
+
 @dataclass
 class CommStats:
-    """Payload bytes and call counts per (group name, operation)."""
+    """Per (group name, operation): `bytes` of the full tensor each call works on (the all-gathered
+    output, the reduce-scattered input), call counts, and `wire_bytes` a rank sends with ring
+    algorithms (all-reduce 2(n-1)/n of the tensor, all-gather and reduce-scatter (n-1)/n each)."""
 
     bytes: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     calls: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    wire_bytes: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
 
-    def record(self, group: str, op: str, tensor: torch.Tensor) -> None:
-        self.bytes[(group, op)] += tensor.numel() * tensor.element_size()
+    def record(self, group: str, op: str, tensor: torch.Tensor, group_size: int = 2) -> None:
+        size = tensor.numel() * tensor.element_size()
+        self.bytes[(group, op)] += size
         self.calls[(group, op)] += 1
+        self.wire_bytes[(group, op)] += size * _WIRE_FACTOR.get(op, lambda n: 1.0)(group_size)
 
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()
+        self.wire_bytes.clear()
 
     def report(self) -> dict[str, int]:
         return {f"{group}/{op}": n for (group, op), n in sorted(self.bytes.items())}
+
+    def wire_report(self) -> dict[str, float]:
+        """Bytes this rank sent per group (all operations), the figure to compare with link bandwidth."""
+        totals: dict[str, float] = defaultdict(float)
+        for (group, _), n in self.wire_bytes.items():
+            totals[group] += n
+        return dict(totals)
 
 
 @dataclass
@@ -67,7 +91,7 @@ def all_reduce(tensor: torch.Tensor, g: CommGroup, op: str = "sum") -> torch.Ten
     """In-place all-reduce; op in {sum, max, avg}. Returns the tensor."""
     if g.size == 1:
         return tensor
-    g.stats.record(g.name, "all_reduce", tensor)
+    g.stats.record(g.name, "all_reduce", tensor, g.size)
     if op == "avg":
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=g.group)
         tensor.div_(g.size)
@@ -81,9 +105,9 @@ def all_gather(tensor: torch.Tensor, g: CommGroup, dim: int = 0) -> torch.Tensor
     """Concatenate every rank's tensor along `dim` (in group-rank order)."""
     if g.size == 1:
         return tensor
-    g.stats.record(g.name, "all_gather", tensor)
     chunk = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((g.size * chunk.shape[0],) + tuple(chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device)
+    g.stats.record(g.name, "all_gather", out, g.size)
     _all_gather_single(out, chunk, group=g.group)
     return out.movedim(0, dim)
 
@@ -94,7 +118,7 @@ def reduce_scatter(tensor: torch.Tensor, g: CommGroup, dim: int = 0) -> torch.Te
         return tensor
     if tensor.shape[dim] % g.size:
         raise ValueError(f"reduce_scatter over {g.name}: dim {dim} of size {tensor.shape[dim]} is not divisible by {g.size}")
-    g.stats.record(g.name, "reduce_scatter", tensor)
+    g.stats.record(g.name, "reduce_scatter", tensor, g.size)
     full = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((full.shape[0] // g.size,) + tuple(full.shape[1:]), dtype=full.dtype, device=full.device)
     _reduce_scatter_single(out, full, group=g.group)
@@ -119,7 +143,7 @@ def barrier() -> None:
 def broadcast(tensor: torch.Tensor, g: CommGroup, src_group_rank: int = 0) -> torch.Tensor:
     if g.size == 1:
         return tensor
-    g.stats.record(g.name, "broadcast", tensor)
+    g.stats.record(g.name, "broadcast", tensor, g.size)
     dist.broadcast(tensor, src=g.ranks[src_group_rank], group=g.group)
     return tensor
 
@@ -224,6 +248,8 @@ def start_p2p(ops: list[P2POp], g: CommGroup) -> list:
         return []
     batch = []
     for op in ops:
+        if not op.tensor.is_contiguous():
+            raise ValueError("point-to-point tensors must be contiguous (the caller keeps them alive until done)")
         g.stats.record(g.name, "send" if op.is_send else "recv", op.tensor)
         fn = dist.isend if op.is_send else dist.irecv
         batch.append(dist.P2POp(fn, op.tensor, peer=g.ranks[op.peer], group=g.group, tag=op.tag))
@@ -238,3 +264,64 @@ def all_gather_object(obj, g: CommGroup) -> list:
     g.stats.calls[(g.name, "all_gather_object")] += 1
     dist.all_gather_object(out, obj, group=g.group)
     return out
+
+
+# ----------------------------------------------------------------------------- asynchronous collectives
+# The DP gradient reduction runs while backward goes on; these start a collective and hand back what
+# to wait on. Bytes are counted when the collective starts, like the blocking ones.
+
+
+class PendingCollective:
+    """A collective in flight. `wait()` blocks until it is done and returns its result; with op="avg"
+    it then divides by the group size (gloo has no average reduction)."""
+
+    def __init__(self, work, result: torch.Tensor, divisor: int = 1):
+        self._work, self._result, self._divisor = work, result, divisor
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            if self._divisor != 1:
+                self._result.div_(self._divisor)
+        return self._result
+
+
+def all_reduce_async(tensor: torch.Tensor, g: CommGroup, op: str = "sum") -> PendingCollective:
+    """Start an in-place all-reduce, op in {sum, avg}; the tensor must not be touched until waited on."""
+    if op not in ("sum", "avg"):
+        raise ValueError(f"all_reduce_async supports op 'sum' or 'avg', got {op!r}")
+    if g.size == 1:
+        return PendingCollective(None, tensor)
+    g.stats.record(g.name, "all_reduce", tensor, g.size)
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=g.group, async_op=True)
+    return PendingCollective(work, tensor, g.size if op == "avg" else 1)
+
+
+def reduce_scatter_async(tensor: torch.Tensor, g: CommGroup, op: str = "sum") -> PendingCollective:
+    """Start reducing a 1-D tensor over the group, each rank getting its contiguous 1/size slice (a new
+    tensor; with one rank, the tensor itself). The length must divide by the group size."""
+    if op not in ("sum", "avg"):
+        raise ValueError(f"reduce_scatter_async supports op 'sum' or 'avg', got {op!r}")
+    if tensor.dim() != 1 or tensor.numel() % g.size:
+        raise ValueError(f"reduce_scatter_async over {g.name}: needs a 1-D tensor whose length divides by "
+                         f"{g.size}, got shape {tuple(tensor.shape)}")
+    if g.size == 1:
+        return PendingCollective(None, tensor)
+    g.stats.record(g.name, "reduce_scatter", tensor, g.size)
+    out = torch.empty(tensor.numel() // g.size, dtype=tensor.dtype, device=tensor.device)
+    work = _reduce_scatter_single(out, tensor, group=g.group, async_op=True)
+    return PendingCollective(work, out, g.size if op == "avg" else 1)
+
+
+def all_gather_into(output: torch.Tensor, shard: torch.Tensor, g: CommGroup) -> torch.Tensor:
+    """Fill the 1-D `output` with every rank's 1-D `shard` in group-rank order (ZeRO-1 parameter
+    gather). `shard` must not alias `output`: not every backend supports in-place gathers."""
+    if output.numel() != shard.numel() * g.size:
+        raise ValueError(f"all_gather_into over {g.name}: output of {output.numel()} elements for shards of "
+                         f"{shard.numel()} x {g.size} ranks")
+    if g.size == 1:
+        return output.copy_(shard)
+    g.stats.record(g.name, "all_gather", output, g.size)
+    _all_gather_single(output, shard, group=g.group)
+    return output

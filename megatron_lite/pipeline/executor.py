@@ -196,7 +196,8 @@ class PipelineExecutor:
             key = (action.kind, action.microbatch, action.chunk)
             tag = ACTIVATION_TAG if action.kind in (ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION) else GRAD_TAG
             if action.kind.is_send:
-                ops.append(comm.P2POp(True, state.to_send.pop(key), action.peer, tag))
+                # The contiguous copy (if one is needed) is what the send keeps alive until delivered.
+                ops.append(comm.P2POp(True, state.to_send.pop(key).contiguous(), action.peer, tag))
             else:
                 buffer = torch.empty(self.activation_shape, dtype=self.dtype, device=self.layout.device)
                 ops.append(comm.P2POp(False, buffer, action.peer, tag))
