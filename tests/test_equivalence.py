@@ -12,13 +12,13 @@ TOLERANCE = 1e-5
 
 
 @functools.lru_cache(maxsize=None)
-def cached_serial(model_name):
-    return serial_reference(model_name)
+def cached_serial(model_name, grad_clip=None):
+    return serial_reference(model_name, grad_clip)
 
 
 def check_case(case: Case, report) -> None:
     parallel = run_on_ranks(parallel_worker, case.world, case)[0]
-    errors = compare(parallel, cached_serial(case.model))
+    errors = compare(parallel, cached_serial(case.model, case.grad_clip))
     report.append((str(case), errors))
     assert all(err < TOLERANCE for err in errors.values()), errors
 

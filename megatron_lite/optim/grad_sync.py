@@ -1,68 +1,129 @@
 """Make every gradient final after the backward passes of a step.
 
-1. Partial gradients over TP (replicated KV heads, sequence-parallel norms): summed over the TP ranks
+1. Data parallelism: each chunk's fp32 gradient buffer is averaged over DP bucket by bucket, an
+   all-reduce (or, for ZeRO-1, a reduce-scatter leaving each rank its shard), started as soon as the
+   bucket's gradients are final during the last microbatch's backward and waited for at the end.
+2. Partial gradients over TP (replicated KV heads, sequence-parallel norms): summed over the TP ranks
    that hold the same chunk.
-2. Tied input/output embeddings split over the pipeline ends: their two gradients summed.
-3. Data parallelism: gradients averaged over DP with one coalesced all-reduce per dtype (the simple,
-   correct version; the bucketed, overlapped one replaces it later).
+3. Tied input/output embeddings split over the pipeline ends: their two gradients summed.
+
+2 and 3 are sums, so they commute with the DP average and run after it, on the elements this rank
+holds reduced (everything, or its ZeRO-1 shard), which keeps them out of the backward critical path.
 """
 
 from __future__ import annotations
 
 import torch
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megatron_lite.optim.buffers import ChunkBuffer, ParamSlot
 from megatron_lite.parallel import comm
-from megatron_lite.parallel.layout import ParallelLayout
+from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.sharding import spec_of
 
 
-def sum_partial_tp_grads(params: list[torch.nn.Parameter], layout: ParallelLayout) -> None:
+class BucketedGradSync:
+    """Accumulates gradients into the chunk buffers and reduces them over DP, overlapped with backward.
+
+    A post-accumulate-grad hook adds each `param.grad` into its `main_grad` (fp32) and frees it. Until
+    `before_last_backward(chunk)` is called nothing is communicated; after it, a hook that completes a
+    bucket of that chunk starts the bucket's reduction. Every DP rank runs the same graphs, so buckets
+    start in the same order everywhere, as collectives require. `finish()` starts any bucket still
+    waiting (a parameter that received no gradient; or nobody called `before_last_backward`, the plain
+    non-overlapped path) and waits for all of them.
+    """
+
+    def __init__(self, buffers: list[ChunkBuffer], dp: CommGroup, reduce_scatter: bool):
+        self.buffers, self.dp, self.reduce_scatter = buffers, dp, reduce_scatter
+        self.launch_order: list[tuple[int, int]] = []  # (chunk, bucket) as started this step
+        self._in_last_backward = [False] * len(buffers)
+        self._missing: list[list[int]] = []  # per chunk, per bucket: parameters not yet final
+        self._pending: dict[tuple[int, int], comm.PendingCollective] = {}
+        self._hooks = [slot.param.register_post_accumulate_grad_hook(self._hook(buffer.index, slot))
+                       for buffer in buffers for slot in buffer.slots]
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the gradient buffers and forget the last step (call before the first backward)."""
+        if self._pending:
+            raise RuntimeError("gradient reductions still in flight; call finish() before starting a new step")
+        for buffer in self.buffers:
+            buffer.grad_data.zero_()
+            for slot in buffer.slots:
+                slot.param.grad = None
+        self._in_last_backward = [False] * len(self.buffers)
+        self._missing = [[len(b.slots) for b in buffer.buckets] for buffer in self.buffers]
+        self.launch_order = []
+
+    def before_last_backward(self, chunk: int) -> None:
+        """The executor's signal: the next backward of `chunk` is its last microbatch's."""
+        self._in_last_backward[chunk] = True
+
+    def _hook(self, chunk: int, slot: ParamSlot):
+        def accumulate(param: torch.nn.Parameter) -> None:
+            param.main_grad.add_(param.grad)
+            param.grad = None
+            if self._in_last_backward[chunk]:
+                self._missing[chunk][slot.bucket] -= 1
+                if self._missing[chunk][slot.bucket] == 0:
+                    self._launch(chunk, slot.bucket)
+        return accumulate
+
+    def _launch(self, chunk: int, index: int) -> None:
+        key = (chunk, index)
+        if key in self._pending:
+            raise RuntimeError(f"a gradient reached bucket {index} of chunk {chunk} after its reduction started "
+                               "(a backward ran after the last microbatch's)")
+        bucket = self.buffers[chunk].buckets[index]
+        grads = self.buffers[chunk].grad_data[bucket.start:bucket.end]
+        start = comm.reduce_scatter_async if self.reduce_scatter else comm.all_reduce_async
+        self._pending[key] = start(grads, self.dp, op="avg")
+        self.launch_order.append(key)
+
+    def finish(self) -> None:
+        """Start what has not started, wait for everything; a ZeRO-1 rank's averaged shard lands in its
+        own range of the buffer (the rest of the buffer keeps this rank's unreduced gradients)."""
+        for buffer in self.buffers:
+            for bucket in buffer.buckets:
+                if (buffer.index, bucket.index) not in self._pending:
+                    self._launch(buffer.index, bucket.index)
+        for (chunk, index), pending in self._pending.items():
+            result = pending.wait()
+            if self.reduce_scatter and self.dp.size > 1:
+                lo, hi = self.buffers[chunk].buckets[index].shard(self.dp.rank, self.dp.size)
+                self.buffers[chunk].grad_data[lo:hi].copy_(result)
+        self._pending = {}
+
+
+def sum_partial_tp_grads(pieces: list[tuple[ParamSlot, torch.Tensor]], tp: CommGroup) -> None:
     """Sum gradients that each TP rank only holds a part of, over the ranks sharing the same chunk.
 
-    One all-reduce over the whole TP group serves every replica subgroup: each rank writes its
-    gradient into the slot of its chunk, zeros elsewhere, so the sum in a slot runs over exactly the
-    ranks that hold that chunk.
+    `pieces`: (slot, gradient elements this rank holds reduced), in the same order on every TP rank.
+    One all-reduce over the whole TP group serves every replica subgroup: each rank writes its piece
+    into the slot of its chunk, zeros elsewhere, so the sum in a slot runs over exactly the ranks that
+    hold that chunk.
     """
-    tp = layout.tp
-    if tp.size == 1:
+    partial = [(spec_of(slot.param), grad) for slot, grad in pieces if spec_of(slot.param).grad_sum_over_tp]
+    if tp.size == 1 or not partial:
         return
-    for param in params:
-        spec = spec_of(param)
-        if not spec.grad_sum_over_tp or param.grad is None:
-            continue
-        slots = param.grad.new_zeros((spec.num_chunks,) + tuple(param.grad.shape))
-        slots[spec.chunk_index] = param.grad
-        comm.all_reduce(slots, tp)
-        param.grad.copy_(slots[spec.chunk_index])
+    slots = [grad.new_zeros((spec.num_chunks, grad.numel())) for spec, grad in partial]
+    for (spec, grad), slot in zip(partial, slots):
+        slot[spec.chunk_index] = grad.view(-1)
+    flat = comm.all_reduce(torch.cat([s.view(-1) for s in slots]), tp)
+    offset = 0
+    for (spec, grad), slot in zip(partial, slots):
+        grad.view(-1).copy_(flat[offset:offset + slot.numel()].view_as(slot)[spec.chunk_index])
+        offset += slot.numel()
 
 
-def average_dp_grads(params: list[torch.nn.Parameter], layout: ParallelLayout) -> None:
-    if layout.dp.size == 1:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is not None:
-            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    for grads in by_dtype.values():
-        flat = comm.all_reduce(_flatten_dense_tensors(grads), layout.dp, op="avg")
-        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)
+def sum_tied_embedding_grads(halves: list[torch.Tensor], embedding: CommGroup) -> None:
+    """First and last pipeline stage each hold a copy of a tied embedding: both get the sum.
 
-
-def sum_tied_embedding_grads(chunks: list[torch.nn.Module], layout: ParallelLayout) -> None:
-    """First and last pipeline stage each hold a copy of a tied embedding: both get the sum."""
-    halves = [w for w in (chunk.tied_embedding_weight() for chunk in chunks) if w is not None]
-    if not halves:
-        return
-    total = halves[0].grad if len(halves) == 1 else torch.stack([w.grad for w in halves]).sum(0)
-    comm.all_reduce(total, layout.embedding)
-    for weight in halves:
-        weight.grad.copy_(total)
-
-
-def finalize_grads(chunks: list[torch.nn.Module], layout: ParallelLayout) -> None:
-    params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
-    sum_partial_tp_grads(params, layout)
-    sum_tied_embedding_grads(chunks, layout)
-    average_dp_grads(params, layout)
+    `halves`: the reduced gradient elements of the copies on this rank (one, or two when a rank holds
+    both ends); each copy has a bucket of its own, so the elements match across the two stages.
+    """
+    if len(halves) == 1:
+        comm.all_reduce(halves[0], embedding)
+    elif halves:
+        total = comm.all_reduce(torch.stack(halves).sum(0), embedding)
+        for grad in halves:
+            grad.copy_(total)

@@ -37,6 +37,9 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max global gradient norm; null: no clipping
+    zero1: bool = False  # shard master weights and Adam states over data-parallel ranks
+    bucket_size_mb: float = 25.0  # fp32 gradient MiB per data-parallel reduction
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lite.optim.grad_sync import finalize_grads
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.pipeline.executor import PipelineExecutor
@@ -38,9 +37,14 @@ def run_schedule(chunks, plan: PipelinePlan, tokens, targets, layout: ParallelLa
     return comm.all_reduce(loss, layout.dp, op="avg").item()
 
 
-def train_step(chunks, optimizer, tokens, targets, layout: ParallelLayout, plan: PipelinePlan) -> float:
-    optimizer.zero_grad(set_to_none=True)
-    loss = run_schedule(chunks, plan, tokens, targets, layout)
-    finalize_grads(chunks, layout)
-    optimizer.step()
-    return loss
+def train_step(chunks, optimizer, tokens, targets, layout: ParallelLayout, plan: PipelinePlan) -> tuple[float, dict]:
+    """One optimizer step on this rank's batch; returns the DP-averaged mean loss and the step's stats:
+    grad_norm, loss_scale, skipped (see `DistributedOptimizer.step`) and comm_bytes, the payload bytes
+    per "group/op" that this step moved (counters are reset at the start of the step)."""
+    layout.stats.reset()
+    optimizer.zero_grad()
+    loss = run_schedule(chunks, plan, tokens, targets, layout, loss_scale=optimizer.loss_scale,
+                        before_last_backward=optimizer.before_last_backward)
+    stats = optimizer.step()
+    stats["comm_bytes"] = layout.stats.report()
+    return loss, stats

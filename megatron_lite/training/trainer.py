@@ -15,6 +15,7 @@ from megatron_lite.data.sampler import DistributedBatchSampler, get_batch
 from megatron_lite.data.tokenizer import ByteTokenizer
 from megatron_lite.models.config import check_model_fits_layout
 from megatron_lite.models.presets import model_preset
+from megatron_lite.optim import OptimizerConfig, build_optimizer
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes, check_sizes
 from megatron_lite.pipeline.partition import build_model_chunks, named_parameters, split_layers
@@ -42,6 +43,12 @@ def cosine_lr(step: int, cfg: RunConfig) -> float:
         return opt.lr * (step + 1) / opt.warmup_steps
     progress = min(1.0, (step - opt.warmup_steps) / max(1, cfg.trainer.max_steps - opt.warmup_steps))
     return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_config(cfg: RunConfig) -> OptimizerConfig:
+    opt = cfg.optim
+    return OptimizerConfig(lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                           grad_clip=opt.grad_clip, zero1=opt.zero1, bucket_size_mb=opt.bucket_size_mb)
 
 
 def pipeline_plan(cfg: RunConfig) -> PipelinePlan:
@@ -88,8 +95,7 @@ def train(cfg: RunConfig) -> dict:
     chunks = build_model_chunks(model_preset(cfg.model), layout, cfg.seed, cfg.parallel.virtual_stages)
     plan = pipeline_plan(cfg)
     params = [p for _, p in named_parameters(chunks)]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(chunks, layout, optimizer_config(cfg))
     sampler = DistributedBatchSampler(None, cfg.global_batch_size, layout.dp.rank, layout.dp.size)
     tokens_per_step = cfg.global_batch_size * cfg.trainer.seq_length
     if logging_rank:
@@ -100,15 +106,15 @@ def train(cfg: RunConfig) -> dict:
     history = {"train_loss": [], "val_loss": []}
     start = time.perf_counter()
     for step, indices in zip(range(cfg.trainer.max_steps), sampler):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, cfg)
+        optimizer.set_lr(cosine_lr(step, cfg))
         tokens, targets = get_batch(train_set, indices)
-        loss = train_step(chunks, optimizer, tokens, targets, layout, plan)
+        loss, stats = train_step(chunks, optimizer, tokens, targets, layout, plan)
         history["train_loss"].append(loss)
         last = step + 1 == cfg.trainer.max_steps
         if logging_rank and (step % cfg.trainer.log_interval == 0 or last):
             elapsed = time.perf_counter() - start
             print(f"step {step:5d} | loss {loss:.4f} | lr {cosine_lr(step, cfg):.2e} | "
+                  f"grad norm {stats['grad_norm']:.3f}{' (skipped)' if stats['skipped'] else ''} | "
                   f"{tokens_per_step * (step + 1) / elapsed:,.0f} tokens/s", flush=True)
         if (step + 1) % cfg.trainer.eval_interval == 0 or last:
             val = evaluate(chunks, plan, valid_set, layout, cfg)
