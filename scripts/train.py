@@ -1,47 +1,53 @@
-"""Train a model: `python scripts/train.py parallel.tp=2 parallel.dp=2 trainer.max_steps=100`.
+"""Train a model: `python scripts/train.py parallel=3d_cpu trainer.max_steps=100 logging=offline`.
 
-Under torchrun (or any launcher that sets RANK/WORLD_SIZE/MASTER_ADDR) each process joins the job;
-run directly, it starts tp*pp*dp local processes itself.
+Hydra composes conf/config.yaml with the overrides (sweeps with `-m`). Under torchrun or srun (RANK
+and WORLD_SIZE set) each process joins the job; run directly, the script starts tp*pp*dp local
+processes itself. Only one process writes Hydra's output folder.
 """
 
 import os
 import sys
 
-from megatron_lite.parallel.spawn import run_on_ranks
-from megatron_lite.training.config import parse_overrides
-from megatron_lite.training.trainer import check_run_config, train
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from megatron_lite.parallel.spawn import RankFailure, run_on_ranks
+from megatron_lite.training.config import to_run_config
+from megatron_lite.training.launch import distributed_env, init_from_env
+from megatron_lite.training.setup import check_run_config
+from megatron_lite.training.trainer import run_rank, train
+
+# Hydra writes its folder and logs from every process it runs in; under a multi-process launcher
+# only global rank 0 may, so the others compose the same config without any output.
+_QUIET_HYDRA = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                "hydra.run.dir=."]
 
 
-def _rank_main(rank, world_size, cfg):
-    return train(cfg)
-
-
-def main(argv: list[str]) -> int:
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(composed: DictConfig) -> None:
+    env = distributed_env()
     try:
-        cfg = parse_overrides(argv)
-        world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
-        check_run_config(cfg, int(os.environ.get("WORLD_SIZE", world)))
+        cfg = to_run_config(composed)
+        check_run_config(cfg, env.world_size if env else cfg.world_size)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if "WORLD_SIZE" in os.environ:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if os.environ.get("LOCAL_RANK") and _cuda() else "gloo")
-        train(cfg)
-        dist.destroy_process_group()
-    elif world == 1:
-        train(cfg)
+        sys.exit(2)
+    output_dir = HydraConfig.get().runtime.output_dir if not env or env.rank == 0 else None
+    if env:
+        init_from_env(env)
+        train(cfg, output_dir)
+    elif cfg.world_size == 1:
+        train(cfg, output_dir)
     else:
-        run_on_ranks(_rank_main, world, cfg, timeout_s=24 * 3600)
-    return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+        try:
+            run_on_ranks(run_rank, cfg.world_size, cfg, output_dir, timeout_s=7 * 24 * 3600)
+        except RankFailure as failure:
+            print(f"error: {failure}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += _QUIET_HYDRA
+    main()

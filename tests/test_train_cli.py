@@ -1,4 +1,4 @@
-"""The training script end to end: bad overrides fail fast, a small 3D run learns."""
+"""The training script end to end: bad configs fail fast with one clear message, a 3D run learns."""
 
 import subprocess
 import sys
@@ -11,24 +11,39 @@ from megatron_lite.training.config import parse_overrides
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_train(*overrides, timeout=240):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def run_train(tmp_path, *overrides, timeout=240):
+    args = [sys.executable, str(ROOT / "scripts" / "train.py"), f"data.cache_dir={tmp_path / 'data'}",
+            f"checkpoint.dir={tmp_path / 'ckpt'}", f"hydra.run.dir={tmp_path / 'out'}", *overrides]
+    return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("parallel.tpp=2", "Key 'tpp' not in 'ParallelConfig'"),
+# (override, message): Hydra rejects unknown keys and wrong types while composing; the rest is ours.
+BAD_CONFIGS = [
+    ("parallel.tpp=2", "Key 'tpp' is not in struct"),
     ("parallel.tp=two", "Value 'two' of type 'str' could not be converted to Integer"),
+    ("model=gpt5", "Could not find 'model/gpt5'"),
     ("parallel.tp=3", "model.num_heads=4 is not divisible by parallel.tp=3"),
-    ("model=gpt5", "unknown model 'gpt5'"),
-    ("parallel.schedule=zigzag", "parallel.schedule='zigzag'"),
+    ("parallel.schedule=zigzag", "parallel.schedule='zigzag' is not allowed; choose one of ['gpipe', '1f1b', 'interleaved_1f1b']"),
     ("parallel.pp=2 parallel.schedule=interleaved_1f1b parallel.virtual_stages=2 parallel.microbatches=3",
      "multiple of pp=2, got 3"),
-])
-def test_bad_overrides_fail_fast_with_a_clear_message(override, message):
-    result = run_train(*override.split(), timeout=60)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
+    ("parallel.pp=8", "model.num_layers=4 is smaller than parallel.pp=8"),
+    ("trainer.precision=fp8", "trainer.precision='fp8' is not allowed; choose one of ['fp32', 'bf16', 'fp16']"),
+    ("trainer.recompute=some", "trainer.recompute='some' is not allowed"),
+    ("logging.wandb.mode=cloud", "logging.wandb.mode='cloud' is not allowed; choose one of ['online', 'offline', 'disabled']"),
+    ("trainer.seq_length=1000", "trainer.seq_length=1000 exceeds model.max_seq_len=256"),
+    ("parallel.tp=4 parallel.sequence_parallel=true trainer.seq_length=126", "divisible by parallel.tp=4"),
+    ("optim.backend=deepspeed parallel.pp=2", "optim.backend=deepspeed supports pp=1 only"),
+    ("trainer.micro_batch_size=0", "trainer.micro_batch_size=0 must be a positive integer"),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be > 0"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_CONFIGS, ids=[o for o, _ in BAD_CONFIGS])
+def test_bad_configs_fail_fast_with_a_clear_message(tmp_path, override, message):
+    result = run_train(tmp_path, *override.split(), timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_parse_overrides_types():
@@ -36,15 +51,16 @@ def test_parse_overrides_types():
     assert (cfg.parallel.tp, cfg.optim.lr, cfg.trainer.max_steps) == (2, 1e-3, 7)
 
 
-def test_3d_training_run_learns(tmp_path):
-    result = run_train("parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.microbatches=2",
-                       "trainer.max_steps=12", "trainer.seq_length=64", "trainer.eval_interval=6",
-                       "trainer.log_interval=1", f"data.cache_dir={tmp_path}")
+def test_3d_training_run_learns_and_logs_offline(tmp_path):
+    result = run_train(tmp_path, "parallel=3d_cpu", "trainer.max_steps=12", "trainer.seq_length=64",
+                       "trainer.eval_interval=6", "trainer.log_interval=1", "trainer.sample_tokens=20",
+                       "logging=offline", "checkpoint.dir=null")
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = [float(line.split("loss")[1].split("|")[0]) for line in result.stdout.splitlines()
-              if line.startswith("step") and "| loss" in line]
-    val = [float(line.split("validation loss")[1].split("|")[0]) for line in result.stdout.splitlines()
-           if "validation loss" in line]
+    lines = result.stdout.splitlines()
+    losses = [float(line.split("| loss ")[1].split(" |")[0]) for line in lines if "| loss " in line]
+    val = [float(line.split("val/loss ")[1].split(" |")[0]) for line in lines if "val/loss " in line]
     assert len(losses) == 12 and len(val) == 2
     assert losses[-1] < losses[0] - 1.0  # from ~ln(257) = 5.5 towards the byte entropy of English
     assert val[1] < val[0]
+    assert "sample from the model after training" in result.stdout
+    assert list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -117,7 +117,7 @@ class PipelineExecutor:
     def _stage(self, chunk: int) -> int:
         return virtual_stage(self.rank, chunk, self.plan.num_stages)
 
-    def run(self, tokens: list[torch.Tensor], targets: list[torch.Tensor], forward_only: bool = False,
+    def run(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, forward_only: bool = False,
             loss_scale: float = 1.0, before_last_backward: Callable[[int], None] | None = None) -> torch.Tensor:
         """One step over the microbatches; returns the sum of their mean losses divided by their number
         (meaningful on the rank holding the last stage, zero elsewhere). Gradients accumulate in .grad.
@@ -126,7 +126,10 @@ class PipelineExecutor:
             is unscaled.
         before_last_backward(chunk): called right before the last microbatch's backward of each model
             chunk, so gradient reduction can start as that chunk's gradients become final.
+        targets None (forward only): the last stage keeps its logits in `self.outputs[microbatch]`
+            instead of computing a loss (text generation).
         """
+        self.outputs: dict[int, torch.Tensor] = {}
         state = _InFlight()
         self.loss_scale, self.before_last_backward = loss_scale, before_last_backward
         self.backwards_done = [0] * len(self.chunks)
@@ -162,6 +165,9 @@ class PipelineExecutor:
             stage_input.requires_grad_(not forward_only)
         with torch.set_grad_enabled(not forward_only):
             output = self.chunks[action.chunk](stage_input)
+            if stage == self.last_stage and targets is None:
+                self.outputs[action.microbatch] = output
+                return None
             if stage == self.last_stage:
                 loss = self.chunks[action.chunk].loss(output, targets[action.microbatch]).mean()
                 output = loss / self.plan.num_microbatches

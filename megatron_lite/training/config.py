@@ -1,11 +1,51 @@
-"""The run configuration as typed dataclasses; OmegaConf checks keys and types against them."""
+"""The run configuration: typed dataclasses that the composed Hydra config (conf/) must fit.
+
+`to_run_config` turns a composed config into a `RunConfig` (unknown keys and wrong types are an
+error naming the key), and `check_run_config` checks everything else that can be known before a
+process group exists (allowed values, divisibility, layouts), raising one ValueError per problem
+with the key, the bad value and what would work.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from omegaconf import OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from megatron_lite.models.config import RECOMPUTE, BuildOptions, ModelConfig
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZER_BACKENDS = ("native", "deepspeed")
+WANDB_MODES = ("online", "offline", "disabled")
+DATASETS = ("shakespeare",)
+TOKENIZERS = ("byte",)
+
+
+@dataclass
+class ModelSchema:
+    """conf/model/*.yaml: a `ModelConfig` plus its name."""
+
+    name: str = "llama_tiny"
+    vocab_size: int = 257
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = 2
+    ffn_hidden_size: int | None = 352
+    max_seq_len: int = 256
+    norm: str = "rmsnorm"
+    activation: str = "swiglu"
+    position: str = "rope"
+    tie_embeddings: bool = False
+    bias: bool = False
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    vocab_pad_multiple: int = 1
+    dropout: float = 0.0
 
 
 @dataclass
@@ -14,8 +54,32 @@ class ParallelConfig:
     pp: int = 1
     dp: int = 1
     microbatches: int = 1
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    schedule: str = "1f1b"
     virtual_stages: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare"
+    tokenizer: str = "byte"
+    cache_dir: str = "data_cache"
+
+
+@dataclass
+class OptimConfig:
+    backend: str = "native"  # native | deepspeed
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max global gradient norm; null: no clipping
+    zero1: bool = False  # native: shard master weights and Adam states over data-parallel ranks
+    deepspeed_zero_stage: int = 1  # deepspeed backend: ZeRO stage 1 or 2
+    bucket_size_mb: float = 25.0  # fp32 gradient MiB per data-parallel reduction
 
 
 @dataclass
@@ -26,45 +90,116 @@ class TrainerConfig:
     eval_interval: int = 50
     eval_batches: int = 4
     log_interval: int = 10
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    recompute: str = "none"  # none | full | selective
+    peak_tflops: float | None = None  # per device, for MFU; null: MFU not reported
+    sample_tokens: int = 200  # text generated at the end of the run (0: none)
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0  # max global gradient norm; null: no clipping
-    zero1: bool = False  # shard master weights and Adam states over data-parallel ranks
-    bucket_size_mb: float = 25.0  # fp32 gradient MiB per data-parallel reduction
+class CheckpointConfig:
+    dir: str | None = "checkpoints"  # null: never save
+    interval: int = 0  # save every N steps (0: only at the end)
+    keep_last: int = 3
+    resume: bool = True  # continue from the latest checkpoint in `dir` if there is one
 
 
 @dataclass
-class DataConfig:
-    cache_dir: str = "data_cache"
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "megatron-lite"
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    entity: str | None = None
+    dir: str | None = None  # null: the run's output directory
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
 class RunConfig:
-    model: str = "llama_tiny"
     seed: int = 1234
+    model: ModelSchema = field(default_factory=ModelSchema)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def global_batch_size(self) -> int:
         return self.trainer.micro_batch_size * self.parallel.microbatches * self.parallel.dp
 
+    @property
+    def world_size(self) -> int:
+        return self.parallel.tp * self.parallel.pp * self.parallel.dp
+
+    def model_config(self) -> ModelConfig:
+        values = asdict(self.model)
+        values.pop("name")
+        return ModelConfig(**values)
+
+    def build_options(self) -> BuildOptions:
+        return BuildOptions(sequence_parallel=self.parallel.sequence_parallel, recompute=self.trainer.recompute,
+                            dtype=PRECISIONS[self.trainer.precision])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def to_run_config(composed: DictConfig | dict) -> RunConfig:
+    """Typed config from a composed one; unknown keys and wrong types raise ValueError naming the key."""
+    try:
+        schema = OmegaConf.structured(RunConfig)
+        merged = OmegaConf.merge(schema, composed)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad config: {err}".strip()) from None
+    return OmegaConf.to_object(merged)
+
 
 def parse_overrides(overrides: list[str]) -> RunConfig:
-    """`key=value` overrides onto the defaults; an unknown key or a wrong type is one clear ValueError."""
+    """`key=value` overrides on the schema defaults (for code and tests that do not go through Hydra)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.from_dotlist(list(overrides)))
+        composed = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         raise ValueError(f"bad config override: {err}") from None
-    return OmegaConf.to_object(merged)
+    return OmegaConf.to_object(composed)
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(key: str, value) -> None:
+    if value is None or value < 1:
+        raise ValueError(f"{key}={value!r} must be a positive integer")
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Allowed values and ranges of single keys."""
+    _one_of("parallel.schedule", cfg.parallel.schedule, SCHEDULES)
+    _one_of("trainer.precision", cfg.trainer.precision, PRECISIONS)
+    _one_of("trainer.recompute", cfg.trainer.recompute, RECOMPUTE)
+    _one_of("optim.backend", cfg.optim.backend, OPTIMIZER_BACKENDS)
+    _one_of("optim.deepspeed_zero_stage", cfg.optim.deepspeed_zero_stage, (1, 2))
+    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    _one_of("data.name", cfg.data.name, DATASETS)
+    _one_of("data.tokenizer", cfg.data.tokenizer, TOKENIZERS)
+    for key in ("parallel.tp", "parallel.pp", "parallel.dp", "parallel.microbatches", "parallel.virtual_stages",
+                "trainer.max_steps", "trainer.micro_batch_size", "trainer.seq_length", "trainer.eval_interval",
+                "trainer.eval_batches", "trainer.log_interval", "checkpoint.keep_last"):
+        section, name = key.split(".")
+        _positive(key, getattr(getattr(cfg, section), name))
+    if cfg.checkpoint.interval < 0:
+        raise ValueError(f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0 (0: save only at the end)")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ValueError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    if cfg.optim.lr <= 0 or cfg.optim.min_lr < 0 or cfg.optim.min_lr > cfg.optim.lr:
+        raise ValueError(f"optim.lr={cfg.optim.lr} and optim.min_lr={cfg.optim.min_lr} need 0 <= min_lr <= lr, lr > 0")
+    if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
+        raise ValueError(f"optim.grad_clip={cfg.optim.grad_clip} must be > 0, or null for no clipping")

@@ -1,0 +1,80 @@
+"""Where a process sits in a multi-process job, from the launcher's environment.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under `srun` (no torchrun) SLURM
+sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_NODEID and the node list: the master is the first
+host of the job's node list (where task 0 runs) and the port is derived from the job id, so every
+task computes the same rendezvous without talking to the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" or "slurm"
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list ("node[3-5,9],gpu1" -> "node3"), via scontrol when available."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = nodelist.split(",")[0]
+    match = re.match(r"^([^\[]+)\[(\d+)", nodelist)
+    return f"{match.group(1)}{match.group(2)}" if match else head
+
+
+def port_for_job(job_id: str) -> int:
+    """A port in [20000, 60000) that all tasks of a job agree on and that differs between jobs."""
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 40000
+
+
+def distributed_env(environ=os.environ) -> DistributedEnv | None:
+    """The job this process belongs to, or None for a plain single-process (or self-spawning) run."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistributedEnv(
+            rank=int(environ["RANK"]), world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)), node_rank=int(environ.get("GROUP_RANK", 0)),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"), master_port=int(environ.get("MASTER_PORT", 29500)),
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        job = environ.get("SLURM_JOB_ID", "0")
+        return DistributedEnv(
+            rank=int(environ["SLURM_PROCID"]), world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)), node_rank=int(environ.get("SLURM_NODEID", 0)),
+            master_addr=environ.get("MASTER_ADDR") or first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            master_port=int(environ.get("MASTER_PORT") or port_for_job(job)),
+            source="slurm",
+        )
+    return None
+
+
+def init_from_env(env: DistributedEnv, timeout_s: float = 600.0) -> None:
+    """Join the job: NCCL with one GPU per local rank when GPUs are there, gloo otherwise."""
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > env.local_rank
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=env.rank,
+                            world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))

@@ -1,0 +1,104 @@
+"""Everything a rank builds before its first step: checks, layout, data, model chunks, plan, optimizer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from megatron_lite.data.defaults import prepare_shakespeare
+from megatron_lite.data.gpt_dataset import GPTWindowDataset
+from megatron_lite.data.indexed import IndexedTokens
+from megatron_lite.data.tokenizer import ByteTokenizer
+from megatron_lite.models.config import check_model_fits_layout
+from megatron_lite.optim import OptimizerConfig, build_optimizer
+from megatron_lite.parallel import comm
+from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes, check_sizes
+from megatron_lite.pipeline.partition import build_model_chunks, split_layers
+from megatron_lite.pipeline.schedules import PipelinePlan, build_schedule
+from megatron_lite.training.config import RunConfig, check_values
+
+
+def check_run_config(cfg: RunConfig, world_size: int) -> None:
+    """Everything that can be checked before a process group exists; one clear ValueError each."""
+    check_values(cfg)
+    sizes = ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp)
+    check_sizes(sizes, world_size)
+    try:
+        model_cfg = cfg.model_config()
+    except ValueError as err:
+        raise ValueError(f"model ({cfg.model.name}): {err}") from None
+    check_model_fits_layout(model_cfg, sizes)
+    pipeline_plan(cfg)
+    split_layers(model_cfg.num_layers, sizes.pp, cfg.parallel.virtual_stages)
+    seq = cfg.trainer.seq_length
+    if seq > model_cfg.max_seq_len:
+        raise ValueError(f"trainer.seq_length={seq} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    if cfg.parallel.sequence_parallel and seq % sizes.tp:
+        raise ValueError(f"parallel.sequence_parallel needs trainer.seq_length={seq} divisible by parallel.tp={sizes.tp}")
+    if cfg.optim.backend == "deepspeed" and sizes.pp > 1:
+        raise ValueError("optim.backend=deepspeed supports pp=1 only; use optim.backend=native with parallel.pp > 1")
+    if cfg.optim.backend == "deepspeed" and cfg.trainer.precision == "fp16":
+        raise ValueError("optim.backend=deepspeed is wired for fp32 and bf16; use the native backend for fp16")
+
+
+def pipeline_plan(cfg: RunConfig) -> PipelinePlan:
+    par = cfg.parallel
+    try:
+        return build_schedule(par.schedule, par.pp, par.microbatches, par.virtual_stages)
+    except ValueError as err:
+        raise ValueError(f"parallel.schedule={par.schedule!r}: {err}") from None
+
+
+def cosine_lr(step: int, cfg: RunConfig) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr at max_steps: a pure function of the step,
+    so the scheduler's whole state is the step number."""
+    opt = cfg.optim
+    if step < opt.warmup_steps:
+        return opt.lr * (step + 1) / opt.warmup_steps
+    progress = min(1.0, (step - opt.warmup_steps) / max(1, cfg.trainer.max_steps - opt.warmup_steps))
+    return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_config(cfg: RunConfig) -> OptimizerConfig:
+    opt = cfg.optim
+    return OptimizerConfig(lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                           grad_clip=opt.grad_clip, zero1=opt.zero1, bucket_size_mb=opt.bucket_size_mb)
+
+
+def build_layout(cfg: RunConfig) -> ParallelLayout:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check_run_config(cfg, world)
+    if not dist.is_initialized():
+        return ParallelLayout.serial()
+    return ParallelLayout.from_mesh(ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp))
+
+
+@dataclass
+class Datasets:
+    tokenizer: ByteTokenizer
+    train: GPTWindowDataset
+    validation: GPTWindowDataset
+    validation_tokens: IndexedTokens
+
+
+def build_datasets(cfg: RunConfig, layout: ParallelLayout) -> Datasets:
+    tokenizer = ByteTokenizer()
+    if layout.rank == 0:  # one rank tokenizes; the others then find valid files and skip the work
+        prepare_shakespeare(cfg.data.cache_dir, tokenizer)
+    comm.barrier()
+    prefixes = prepare_shakespeare(cfg.data.cache_dir, tokenizer)
+    validation_tokens = IndexedTokens(prefixes["validation"])
+    return Datasets(
+        tokenizer=tokenizer,
+        train=GPTWindowDataset(IndexedTokens(prefixes["train"]), cfg.trainer.seq_length, cfg.seed),
+        validation=GPTWindowDataset(validation_tokens, cfg.trainer.seq_length, cfg.seed),
+        validation_tokens=validation_tokens,
+    )
+
+
+def build_model_and_optimizer(cfg: RunConfig, layout: ParallelLayout):
+    chunks = build_model_chunks(cfg.model_config(), layout, cfg.seed, cfg.parallel.virtual_stages,
+                                options=cfg.build_options())
+    return chunks, build_optimizer(chunks, layout, optimizer_config(cfg))
