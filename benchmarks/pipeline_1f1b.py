@@ -1,19 +1,23 @@
 """Our 1F1B pipeline vs torch.distributed.pipelining's Schedule1F1B and DeepSpeed's PipelineEngine.
 
 Same GPT-2 (8 layers, hidden 256, 4 heads, sequence 128, vocabulary 1024, fp32), global batch 16 in
-8 microbatches of 2, AdamW, layers split evenly over the stages, gloo on CPU, one process per stage,
-the same thread count on every rank. Every system runs in its own set of processes (one
-`run_on_ranks` call each) within one invocation; the order of the systems alternates between
-pipeline sizes.
+8 microbatches of 2, AdamW (decay on matrices and embeddings only), the 8 blocks split evenly over
+the stages, gloo on CPU, one process per stage, the same torch thread count on every rank. Every
+system runs in its own set of processes (one `run_on_ranks` call each) within one invocation; the
+order of the systems alternates between pipeline sizes and rounds.
 
-A timed step is forward + backward over all microbatches + gradient finalisation + optimizer step,
-between two barriers; per step we take the slowest rank, then the median over the timed steps.
+A timed step is forward + backward over all microbatches + gradient finalisation + optimizer step +
+the loss reaching every rank, between two barriers; per step we take the slowest rank, then the
+median over the timed steps. Next to it: CPU seconds per step summed over the ranks, which other jobs
+on the machine disturb much less than wall time.
 
 Tied embeddings: ours and DeepSpeed (TiedLayerSpec) tie the input and output embedding across the
 pipeline ends (one all-reduce of its gradient per step); torch.distributed.pipelining cannot tie
 across stages, so the torch model is untied and is compared with our untied model.
+Optimizer: ours is the library's own (flat fp32 buffers, AdamW written out) when it has one, the
+peers use torch.optim.AdamW (DeepSpeed wraps it) with the same hyperparameters and decay groups.
 
-    python benchmarks/pipeline_1f1b.py --pp 2 4 --steps 10 --warmup 3 [--json out.json]
+    python benchmarks/pipeline_1f1b.py [--pp 2 4] [--steps 10] [--warmup 3] [--rounds 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ VOCAB, HIDDEN, LAYERS, HEADS, SEQ = 1024, 256, 8, 4, 128
 GLOBAL_BATCH, MICROBATCHES = 16, 8
 LR, WEIGHT_DECAY, SEED, INIT_STD = 1e-4, 0.01, 1234, 0.02
 
-SYSTEMS = ("ours", "ours-untied", "torch", "deepspeed")
+SYSTEMS = ("ours", "deepspeed", "ours-untied", "torch")  # compared pairs next to each other in time
 LABELS = {
     "ours": "megatron_lite 1f1b (tied)",
     "ours-untied": "megatron_lite 1f1b (untied)",
@@ -57,7 +61,14 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _adamw(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(list(params), lr=LR, weight_decay=WEIGHT_DECAY)
+    """torch AdamW; like ours, matrices and embeddings are decayed, biases and norm weights not."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=LR)
+
+
+_PHASES: dict = {}  # per process: set-up and warm-up seconds, CPU seconds of the timed steps
 
 
 def _timed(step, warmup: int, steps: int) -> tuple[list[float], float]:
@@ -76,9 +87,6 @@ def _timed(step, warmup: int, steps: int) -> tuple[list[float], float]:
         cpu.append(time.process_time() - cpu_start)
     _PHASES["cpu"] = cpu
     return times, float(loss)
-
-
-_PHASES: dict[str, float] = {}  # per process: seconds spent in set-up and warm-up
 
 
 def _setup_started() -> None:
@@ -112,12 +120,26 @@ def run_ours(rank: int, world: int, tied: bool, warmup: int, steps: int) -> dict
                       max_seq_len=SEQ, tie_embeddings=tied)
     chunks = build_model_chunks(cfg, layout, SEED)
     params = [p for c in chunks for p in c.parameters()]
-    optimizer = _adamw(params)
+    optimizer = _our_optimizer(chunks, layout, params)
     plan = build_schedule("1f1b", world, MICROBATCHES)
     tokens, targets = _batch()
+
+    def step():
+        out = train_step(chunks, optimizer, tokens, targets, layout, plan)
+        return out[0] if isinstance(out, tuple) else out  # newer train_step: (loss, stats)
+
     _setup_done()
-    times, loss = _timed(lambda: train_step(chunks, optimizer, tokens, targets, layout, plan), warmup, steps)
+    times, loss = _timed(step, warmup, steps)
     return _result(times, loss, params)
+
+
+def _our_optimizer(chunks, layout, params):
+    """The library's own AdamW (DistributedOptimizer: flat fp32 buffers) where it has one, else torch's."""
+    try:
+        from megatron_lite.optim.optimizer import OptimizerConfig, build_optimizer
+    except ImportError:
+        return _adamw(params)
+    return build_optimizer(chunks, layout, OptimizerConfig(lr=LR, weight_decay=WEIGHT_DECAY))
 
 
 # ----------------------------------------------------------------------------- plain torch GPT-2 pieces
@@ -173,11 +195,13 @@ class Head(torch.nn.Linear):
 
 @torch.no_grad()
 def _gpt2_init(module: torch.nn.Module) -> None:
-    """GPT-2 style init (normal 0.02, zero biases, unit norms) so losses look like ours."""
+    """GPT-2's init, as ours: normal(0.02), the projections into the residual stream scaled by
+    1/sqrt(2 * layers), zero biases, unit norms (the values differ from ours; the losses look alike)."""
     torch.manual_seed(SEED)
-    for m in module.modules():
+    for name, m in module.named_modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, PositionEmbedding)):
-            torch.nn.init.normal_(m.weight, std=INIT_STD)
+            residual = name.endswith(("o_proj", "down_proj"))
+            torch.nn.init.normal_(m.weight, std=INIT_STD / (2 * LAYERS) ** 0.5 if residual else INIT_STD)
             if getattr(m, "bias", None) is not None:
                 torch.nn.init.zeros_(m.bias)
 
@@ -317,6 +341,24 @@ def _summary(system: str, pp: int, runs: list[dict]) -> dict:
     }
 
 
+def _library_version() -> str:
+    """Where megatron_lite comes from and, in a git checkout, its commit (+dirty: uncommitted edits)."""
+    import subprocess
+
+    import megatron_lite
+
+    where = os.path.dirname(os.path.abspath(megatron_lite.__file__))
+    try:
+        git = ["git", "-C", where]
+        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "."], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return f"{where} @ {commit}{'+dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return where
+
+
 PAIRS = (  # (ours variant, peer): like with like as far as tying goes first, then the cross pairs
     ("ours", "deepspeed"), ("ours-untied", "torch"), ("ours-untied", "deepspeed-untied"),
     ("ours", "torch"), ("ours-untied", "deepspeed"),
@@ -344,8 +386,7 @@ def main(argv=None) -> dict:
     print(f"gloo on CPU, {args.threads} torch thread(s) per rank in every run, {os.cpu_count()} CPUs; "
           f"{args.rounds} round(s) x (warmup {args.warmup} + {args.steps} timed steps) per system and pp; "
           f"step time = slowest rank, median over the timed steps")
-    import megatron_lite
-    print(f"megatron_lite from {os.path.dirname(megatron_lite.__file__)}; torch {torch.__version__}; "
+    print(f"megatron_lite {_library_version()}; torch {torch.__version__}; "
           f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
 
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -372,7 +413,11 @@ def main(argv=None) -> dict:
             if (ours, pp) in by_key and (peer, pp) in by_key:
                 ratio = by_key[(ours, pp)]["median_s"] / by_key[(peer, pp)]["median_s"]
                 cpu_ratio = by_key[(ours, pp)]["cpu_median_s"] / by_key[(peer, pp)]["cpu_median_s"]
-                ratios.append({"pp": pp, "ours": ours, "peer": peer, "ratio": ratio, "cpu_ratio": cpu_ratio})
+                # Per round, the two runs were close in time: their ratio is less exposed to load changes.
+                per_round = [statistics.median(a["step_times_s"]) / statistics.median(b["step_times_s"])
+                             for a, b in zip(runs[(ours, pp)], runs[(peer, pp)])]
+                ratios.append({"pp": pp, "ours": ours, "peer": peer, "ratio": ratio, "cpu_ratio": cpu_ratio,
+                               "per_round": per_round})
 
     print(f"\nload average at end {os.getloadavg()[0]:.2f}\n")
     print(f"{'system':<36} {'pp':>3} {'median step s':>14} {'min s':>8} {'max s':>8} {'CPU s/step':>11} "
@@ -381,16 +426,18 @@ def main(argv=None) -> dict:
         print(f"{r['label']:<36} {r['pp']:>3} {r['median_s']:>14.3f} {r['min_s']:>8.3f} {r['max_s']:>8.3f} "
               f"{r['cpu_median_s']:>11.3f} {','.join(map(str, r['threads_per_rank'])):>8} {r['params']:>10,}")
     print()
-    print(f"{'ours/peer, median step time (target <= 1.0); CPU time per step':<68} {'pp':>3} {'ratio':>7} "
-          f"{'CPU':>7}")
+    print(f"{'ours/peer: median step time (target <= 1.0), CPU time per step':<68} {'pp':>3} {'ratio':>7} "
+          f"{'CPU':>7}  per round")
     for q in ratios:
         name = f"{LABELS[q['ours']]} / {LABELS[q['peer']]}"
-        print(f"{name:<68} {q['pp']:>3} {q['ratio']:>7.3f} {q['cpu_ratio']:>7.3f}")
+        rounds = " ".join(f"{r:.3f}" for r in q["per_round"]) if len(q["per_round"]) > 1 else ""
+        print(f"{name:<68} {q['pp']:>3} {q['ratio']:>7.3f} {q['cpu_ratio']:>7.3f}  {rounds}")
 
     result = {"config": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "seq": SEQ,
                          "global_batch": GLOBAL_BATCH, "microbatches": MICROBATCHES, "dtype": "float32",
                          "optimizer": "AdamW", "threads_per_rank": args.threads, "warmup": args.warmup,
-                         "steps": args.steps, "rounds": args.rounds, "cpus": os.cpu_count()},
+                         "steps": args.steps, "rounds": args.rounds, "cpus": os.cpu_count(),
+                         "library": _library_version(), "torch": torch.__version__},
               "rows": rows, "ratios": ratios}
     if args.json:
         with open(args.json, "w") as f:
