@@ -16,7 +16,7 @@ from megatron_lite.models.config import BuildOptions, gpt2_config, llama_config
 from megatron_lite.models.presets import model_preset
 from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel.layout import ParallelLayout
-from megatron_lite.training.config import RunConfig
+from megatron_lite.training.config import compose
 from megatron_lite.training.logging import (MetricsLogger, WandbSettings, format_metrics, is_secret_key,
                                             read_offline_run, scrub_argv, scrub_secrets, to_plain_config)
 from megatron_lite.training.metrics import (StepMetrics, StepTimer, megatron_gpt_flops_per_token,
@@ -148,7 +148,8 @@ def wandb_env(tmp_path, monkeypatch):
 def test_offline_run_holds_metrics_and_config_without_secrets(wandb_env, monkeypatch):
     secret = "abc-9f2e-never-logged"  # "abc" alone also occurs by chance in run ids and hex hashes
     monkeypatch.setattr(sys, "argv", [sys.argv[0], "model=llama_tiny", f"logging.wandb.api_key={secret}"])
-    config = {**to_plain_config(RunConfig()),
+    run_config = compose([])
+    config = {**to_plain_config(run_config),
               "logging": {"wandb": {"mode": "offline", "api_key": secret, "project": "megatron-lite-test"}},
               "data": {"cache_dir": "data_cache", "hf_token": secret, "url": f"https://me:{secret}@example.com/d"}}
     console = io.StringIO()
@@ -173,7 +174,7 @@ def test_offline_run_holds_metrics_and_config_without_secrets(wandb_env, monkeyp
     assert [row["train/loss"] for row in run["history"]] == [5.0, 3.0, 1.0, 0.0]
     assert run["history"][-1]["val/loss"] == 1.25 and run["summary"]["perf/tokens_per_s"] == 1005.0
     logged = run["config"]
-    assert logged["trainer"] == to_plain_config(RunConfig())["trainer"] and logged["model"] == "llama_tiny"
+    assert logged["trainer"] == to_plain_config(run_config)["trainer"] and logged["model"]["name"] == "llama_tiny"
     assert logged["logging"]["wandb"] == {"mode": "offline", "api_key": "<redacted>", "project": "megatron-lite-test"}
     assert logged["data"]["hf_token"] == "<redacted>" and logged["data"]["url"] == "https://<redacted>@example.com/d"
 

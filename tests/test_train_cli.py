@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lite.training.config import parse_overrides
+from megatron_lite.training.config import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,9 +46,17 @@ def test_bad_configs_fail_fast_with_a_clear_message(tmp_path, override, message)
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_parse_overrides_types():
-    cfg = parse_overrides(["parallel.tp=2", "optim.lr=1e-3", "trainer.max_steps=7"])
+def test_compose_gives_typed_config():
+    cfg = compose(["parallel.tp=2", "optim.lr=1e-3", "trainer.max_steps=7", "model=llama3_8b"])
     assert (cfg.parallel.tp, cfg.optim.lr, cfg.trainer.max_steps) == (2, 1e-3, 7)
+    model = cfg.model_config()  # llama3_8b inherits the LLaMA architecture from llama_tiny's file
+    assert (model.hidden_size, model.num_kv_heads, model.norm, model.rope_theta) == (4096, 8, "rmsnorm", 500000.0)
+
+
+@pytest.mark.parametrize("name", ["gpt2_tiny", "llama_tiny", "gpt2_124m", "llama2_7b", "llama2_70b", "llama3_8b",
+                                  "llama3_70b", "llama3_405b"])
+def test_every_model_config_composes(name):
+    assert compose([f"model={name}"]).model.name == name
 
 
 def test_3d_training_run_learns_and_logs_offline(tmp_path):

@@ -8,10 +8,13 @@ with the key, the bad value and what would work.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_lite.models.config import RECOMPUTE, BuildOptions, ModelConfig
@@ -24,28 +27,20 @@ DATASETS = ("shakespeare",)
 TOKENIZERS = ("byte",)
 
 
-@dataclass
-class ModelSchema:
-    """conf/model/*.yaml: a `ModelConfig` plus its name."""
+def _model_schema():
+    """conf/model/*.yaml: the fields of `ModelConfig` (derived, so the two cannot drift) plus a name;
+    fields without a default in ModelConfig must be given by the YAML."""
+    hints = typing.get_type_hints(ModelConfig)
+    spec = [("name", str, field(default=MISSING))]
+    for f in dataclasses.fields(ModelConfig):
+        default = MISSING if f.default is dataclasses.MISSING else f.default
+        spec.append((f.name, hints[f.name], field(default=default)))
+    schema = dataclasses.make_dataclass("ModelSchema", spec)
+    schema.__module__ = __name__  # so configs holding it pickle to spawned ranks
+    return schema
 
-    name: str = "llama_tiny"
-    vocab_size: int = 257
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int | None = 2
-    ffn_hidden_size: int | None = 352
-    max_seq_len: int = 256
-    norm: str = "rmsnorm"
-    activation: str = "swiglu"
-    position: str = "rope"
-    tie_embeddings: bool = False
-    bias: bool = False
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
-    vocab_pad_multiple: int = 1
-    dropout: float = 0.0
+
+ModelSchema = _model_schema()
 
 
 @dataclass
@@ -161,13 +156,21 @@ def to_run_config(composed: DictConfig | dict) -> RunConfig:
     return OmegaConf.to_object(merged)
 
 
-def parse_overrides(overrides: list[str]) -> RunConfig:
-    """`key=value` overrides on the schema defaults (for code and tests that do not go through Hydra)."""
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose(overrides: list[str] = ()) -> RunConfig:
+    """The typed config `scripts/train.py` would run with these overrides (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
     try:
-        composed = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            composed = hydra_compose(config_name="config", overrides=list(overrides))
+    except HydraException as err:
         raise ValueError(f"bad config override: {err}") from None
-    return OmegaConf.to_object(composed)
+    return to_run_config(composed)
 
 
 def _one_of(key: str, value, allowed) -> None:
