@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from megatron_lite.parallel.spawn import RankFailure, run_on_ranks
 from megatron_lite.training.config import to_run_config
 from megatron_lite.training.launch import distributed_env, init_from_env
-from megatron_lite.training.setup import check_run_config
+from megatron_lite.training.setup import check_run_config, resolve_data_parallel
 from megatron_lite.training.trainer import run_rank, train
 
 # Hydra writes its folder and logs from every process it runs in; under a multi-process launcher
@@ -28,7 +28,7 @@ _QUIET_HYDRA = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra
 def main(composed: DictConfig) -> None:
     env = distributed_env()
     try:
-        cfg = to_run_config(composed)
+        cfg = resolve_data_parallel(to_run_config(composed), env.world_size if env else None)
         check_run_config(cfg, env.world_size if env else cfg.world_size)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,6 @@
+"""Distributed checkpoints through torch.distributed.checkpoint with layout-independent keys: saved
+under one TP x PP x DP layout (ZeRO-1 or not), loaded under any other."""
+
+from megatron_lite.checkpoint.checkpoint import CheckpointError, latest_step, load_checkpoint, save_checkpoint
+
+__all__ = ["CheckpointError", "latest_step", "load_checkpoint", "save_checkpoint"]

@@ -47,7 +47,7 @@ ModelSchema = _model_schema()
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    dp: int = 1
+    dp: int | None = 1  # null: the launcher's world size / (tp * pp)
     microbatches: int = 1
     schedule: str = "1f1b"
     virtual_stages: int = 1
@@ -193,7 +193,7 @@ def check_values(cfg: RunConfig) -> None:
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     _one_of("data.name", cfg.data.name, DATASETS)
     _one_of("data.tokenizer", cfg.data.tokenizer, TOKENIZERS)
-    for key in ("parallel.tp", "parallel.pp", "parallel.dp", "parallel.microbatches", "parallel.virtual_stages",
+    for key in ("parallel.tp", "parallel.pp", "parallel.microbatches", "parallel.virtual_stages",
                 "trainer.max_steps", "trainer.micro_batch_size", "trainer.seq_length", "trainer.eval_interval",
                 "trainer.eval_batches", "trainer.log_interval", "checkpoint.keep_last"):
         section, name = key.split(".")

@@ -20,9 +20,25 @@ from megatron_lite.pipeline.schedules import PipelinePlan, build_schedule
 from megatron_lite.training.config import RunConfig, check_values
 
 
+def resolve_data_parallel(cfg: RunConfig, world_size: int | None) -> RunConfig:
+    """Fill `parallel.dp=null` from the launcher's world size (Megatron's rule: what TP x PP leaves)."""
+    if cfg.parallel.dp is not None:
+        return cfg
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp
+    if world_size is None:
+        raise ValueError("parallel.dp=null needs a launcher (torchrun or srun) that sets the world size; "
+                         "give parallel.dp a number to start the processes locally")
+    if world_size % model_parallel:
+        raise ValueError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp={model_parallel}")
+    cfg.parallel.dp = world_size // model_parallel
+    return cfg
+
+
 def check_run_config(cfg: RunConfig, world_size: int) -> None:
     """Everything that can be checked before a process group exists; one clear ValueError each."""
     check_values(cfg)
+    if cfg.parallel.dp is None or cfg.parallel.dp < 1:
+        raise ValueError(f"parallel.dp={cfg.parallel.dp!r} must be a positive integer (or null under a launcher)")
     sizes = ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp)
     check_sizes(sizes, world_size)
     try:

@@ -7,12 +7,14 @@ import os
 
 import torch
 
+from megatron_lite.checkpoint import latest_step, load_checkpoint, save_checkpoint
 from megatron_lite.data.sampler import DistributedBatchSampler, get_batch
 from megatron_lite.pipeline.schedules import PipelinePlan
 from megatron_lite.training.config import RunConfig
 from megatron_lite.training.generate import sample_tokens
 from megatron_lite.training.logging import MetricsLogger, WandbSettings
 from megatron_lite.training.metrics import StepMetrics, StepTimer, model_flops_per_token
+from megatron_lite.training.preemption import StopRequest, requeue_slurm_job
 from megatron_lite.training.setup import build_datasets, build_layout, build_model_and_optimizer, cosine_lr, pipeline_plan
 from megatron_lite.training.step import run_schedule, train_step
 
@@ -38,44 +40,16 @@ def _wandb_settings(cfg: RunConfig, output_dir: str | None) -> WandbSettings:
 
 
 def _save(cfg, step, chunks, optimizer, layout, sampler) -> None:
-    from megatron_lite.checkpoint import save_checkpoint
-
     extra = {"step": step, "scheduler": {"step": step}, "data": sampler.state_dict(), "config": cfg.to_dict()}
     save_checkpoint(cfg.checkpoint.dir, step, chunks, optimizer, layout, extra, keep_last=cfg.checkpoint.keep_last)
 
 
-def train(cfg: RunConfig, output_dir: str | None = None) -> dict:
-    """Train (resuming from the latest checkpoint if there is one); returns the loss history."""
-    layout = build_layout(cfg)
-    data = build_datasets(cfg, layout)
-    chunks, optimizer = build_model_and_optimizer(cfg, layout)
-    plan = pipeline_plan(cfg)
-    sampler = DistributedBatchSampler(None, cfg.global_batch_size, layout.dp.rank, layout.dp.size)
-
-    start_step = 0
+def _loop(cfg, layout, data, chunks, optimizer, plan, sampler, logger, timer, history, stop, start_step) -> None:
     ckpt = cfg.checkpoint
-    if ckpt.dir and ckpt.resume:
-        from megatron_lite.checkpoint import latest_step, load_checkpoint
-    if ckpt.dir and ckpt.resume and latest_step(ckpt.dir) is not None:
-        extra = load_checkpoint(ckpt.dir, chunks, optimizer, layout)
-        start_step = extra["step"]
-        sampler.load_state_dict(extra["data"])
-
-    logging_rank = layout.rank == 0
-    logger = MetricsLogger(logging_rank, _wandb_settings(cfg, output_dir), cfg.to_dict(),
-                           total_steps=cfg.trainer.max_steps, log_interval=cfg.trainer.log_interval,
-                           start_step=start_step)
     tokens_per_step = cfg.global_batch_size * cfg.trainer.seq_length
     flops_per_token = model_flops_per_token(cfg.model_config(), cfg.trainer.seq_length)
     peak_flops = cfg.trainer.peak_tflops * 1e12 if cfg.trainer.peak_tflops else None
-    params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
-    logger.message(f"{cfg.model.name}: {params:,} parameters on rank 0 | tp={layout.tp.size} pp={layout.pp.size} "
-                   f"dp={layout.dp.size} {plan.name} m={plan.num_microbatches} | global batch "
-                   f"{cfg.global_batch_size} x {cfg.trainer.seq_length} tokens"
-                   + (f" | resumed at step {start_step}" if start_step else ""))
-
-    history = {"train_loss": [], "val_loss": [], "start_step": start_step}
-    timer = StepTimer(layout.device if layout.device.type == "cuda" else None)
+    done = start_step
     for step, indices in zip(range(start_step, cfg.trainer.max_steps), sampler):
         lr = cosine_lr(step, cfg)
         optimizer.set_lr(lr)
@@ -92,10 +66,54 @@ def train(cfg: RunConfig, output_dir: str | None = None) -> dict:
             history["val_loss"].append(val)
             metrics.update({"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))})
         logger.log(step, metrics, force="val/loss" in metrics)
+        history["last_step"] = step
+        if stop.agreed(layout):
+            history["preempted"] = True
+            if ckpt.dir:
+                _save(cfg, done, chunks, optimizer, layout, sampler)
+            return
         if ckpt.dir and ckpt.interval and done % ckpt.interval == 0 and done < cfg.trainer.max_steps:
             _save(cfg, done, chunks, optimizer, layout, sampler)
-    if ckpt.dir and history["train_loss"]:
-        _save(cfg, cfg.trainer.max_steps, chunks, optimizer, layout, sampler)
+    if ckpt.dir and done > start_step:
+        _save(cfg, done, chunks, optimizer, layout, sampler)
+
+
+def train(cfg: RunConfig, output_dir: str | None = None) -> dict:
+    """Train (resuming from the latest checkpoint if there is one); returns the loss history."""
+    layout = build_layout(cfg)
+    data = build_datasets(cfg, layout)
+    chunks, optimizer = build_model_and_optimizer(cfg, layout)
+    plan = pipeline_plan(cfg)
+    sampler = DistributedBatchSampler(None, cfg.global_batch_size, layout.dp.rank, layout.dp.size)
+
+    start_step = 0
+    ckpt = cfg.checkpoint
+    if ckpt.dir and ckpt.resume and latest_step(ckpt.dir) is not None:
+        extra = load_checkpoint(ckpt.dir, chunks, optimizer, layout)
+        start_step = extra["step"]
+        sampler.load_state_dict(extra["data"])
+
+    logging_rank = layout.rank == 0
+    logger = MetricsLogger(logging_rank, _wandb_settings(cfg, output_dir), cfg.to_dict(),
+                           total_steps=cfg.trainer.max_steps, log_interval=cfg.trainer.log_interval,
+                           start_step=start_step)
+    params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    logger.message(f"{cfg.model.name}: {params:,} parameters on rank 0 | tp={layout.tp.size} pp={layout.pp.size} "
+                   f"dp={layout.dp.size} {plan.name} m={plan.num_microbatches} | global batch "
+                   f"{cfg.global_batch_size} x {cfg.trainer.seq_length} tokens"
+                   + (f" | resumed at step {start_step}" if start_step else ""))
+
+    history = {"train_loss": [], "val_loss": [], "start_step": start_step, "preempted": False}
+    timer = StepTimer(layout.device if layout.device.type == "cuda" else None)
+    with StopRequest() as stop:
+        _loop(cfg, layout, data, chunks, optimizer, plan, sampler, logger, timer, history, stop, start_step)
+    if history["preempted"]:
+        # Requeue only with a checkpoint to resume from; one rank asks for the whole job.
+        requeued = requeue_slurm_job() if layout.rank == 0 and ckpt.dir else None
+        logger.message(f"stop signal: stopped after step {history['last_step']}"
+                       + (", checkpoint saved" if ckpt.dir else "") + (f", job {requeued} requeued" if requeued else ""))
+        logger.finish()
+        return history
 
     if cfg.trainer.sample_tokens:
         prompt = data.validation_tokens.tokens(0, cfg.trainer.seq_length).tolist()

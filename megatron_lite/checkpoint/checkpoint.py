@@ -1,0 +1,354 @@
+"""Save and load training state under any parallel layout.
+
+A checkpoint holds logical tensors, the same for every layout:
+    model.<name>                 the full, unpadded serial parameter, in the model dtype
+    optim.exp_avg.<name>         Adam's moments, fp32, same shape as the parameter
+    optim.exp_avg_sq.<name>
+    optim.master.<name>          fp32 master weights; only for bf16/fp16 models (for fp32 ones the
+                                 parameter is its own master)
+and objects:
+    meta                         step, layout, optimizer step count and loss scaler, format version
+    extra                        the trainer's small state (scheduler, data position, config)
+    rng.tp<T>_pp<P>_dp<D>.rank<R>  torch's global RNG and the model's dropout generators of one rank
+`<name>` is the parameter's name in the serial model; the tied output embedding kept by the last
+pipeline stage is `embedding.word.weight` too (written by the first stage, read by both).
+
+Saving: each rank writes the boxes of the logical tensors it holds (checkpoint/boxes.py); a box held
+by several ranks (TP-replicated tensors, KV heads replicated when TP exceeds their number, DP
+replicas) is written by one of them. Under ZeRO-1 every DP rank writes the part of the state it owns,
+cut into contiguous boxes: no gather, no extra memory, DP ranks write in parallel. Loading: each rank
+asks DCP for the boxes it holds under its own layout (its ZeRO-1 range of the optimizer state, or the
+whole local shard), read straight into the live tensors, and lets the optimizer rebuild the parameters
+from the master weights (all-gathered over DP under ZeRO-1).
+
+RNG: resuming on the same layout restores every rank's generators, so dropout continues exactly. The
+dropout streams are per (pipeline stage, DP rank, TP rank), so on another layout they cannot be mapped:
+each generator is then re-seeded from its own seed and the step (deterministic, layout-consistent,
+no mask repeated from step 0), and torch's global generator is left as it is (the model draws no random
+numbers from it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from megatron_lite.checkpoint import dcp_io, store
+from megatron_lite.checkpoint.boxes import Box, boxes_of, writes_chunk
+from megatron_lite.models.transformer import WORD_EMBEDDING
+from megatron_lite.parallel import comm
+from megatron_lite.parallel.comm import CommGroup
+from megatron_lite.parallel.layout import ParallelLayout
+from megatron_lite.parallel.random import DropoutRNG
+from megatron_lite.parallel.sharding import ShardSpec, seed_for, spec_of
+
+FORMAT_VERSION = 1
+STATE_FIELDS = ("exp_avg", "exp_avg_sq")
+
+# Test seams: "after_write" runs once this rank's data files are written (before DCP's .metadata),
+# "before_commit" once every rank is done (before the rename). Tests make a rank die there.
+TEST_HOOKS: dict[str, Callable[[], None]] = {}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used (incomplete, corrupt, or for another model)."""
+
+
+@dataclass
+class _Param:
+    name: str  # in this rank's chunks (and the optimizer)
+    key: str  # in the checkpoint
+    param: torch.nn.Parameter
+    spec: ShardSpec
+    tied_copy: bool  # the last stage's copy of a tied embedding
+
+
+def _params(chunks) -> list[_Param]:
+    out = []
+    for chunk in chunks:
+        twin = chunk.tied_embedding_weight()
+        copy = twin if twin is not None and chunk.head is not None and chunk.embedding is None else None
+        for name, param in chunk.named_parameters():
+            spec = spec_of(param)
+            if tuple(param.shape) != spec.local_shape:
+                raise ValueError(f"{name}: local shape {tuple(param.shape)} does not match its ShardSpec "
+                                 f"{spec.local_shape}")
+            is_copy = param is copy
+            out.append(_Param(name, WORD_EMBEDDING if is_copy else name, param, spec, is_copy))
+    return out
+
+
+def _flat(param: torch.Tensor) -> torch.Tensor:
+    if not param.is_contiguous():
+        raise ValueError("checkpointing needs contiguous parameters")
+    return param.detach().view(-1)
+
+
+def _world(layout: ParallelLayout) -> CommGroup:
+    if layout.world_size == 1:
+        return CommGroup.single("world", layout.stats)
+    return CommGroup("world", None, layout.world_size, layout.rank, tuple(range(layout.world_size)), layout.stats)
+
+
+def _rng_key(layout: ParallelLayout) -> str:
+    s = layout.sizes
+    return f"rng.tp{s.tp}_pp{s.pp}_dp{s.dp}.rank{layout.rank}"
+
+
+def _dropout_rngs(chunks) -> list[DropoutRNG]:
+    seen, out = set(), []
+    for chunk in chunks:
+        for module in chunk.modules():
+            rng = getattr(getattr(module, "ctx", None), "rng", None)
+            if isinstance(rng, DropoutRNG) and id(rng) not in seen:
+                seen.add(id(rng))
+                out.append(rng)
+    return out
+
+
+def _stages(chunks) -> list[list[str]]:
+    return [list(chunk.layers.keys()) for chunk in chunks]
+
+
+def _rng_state(chunks, layout: ParallelLayout) -> dict:
+    state = {"torch": torch.get_rng_state(), "dropout": [rng.get_state() for rng in _dropout_rngs(chunks)],
+             "stages": _stages(chunks)}
+    if layout.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(layout.device)
+    return state
+
+
+def _restore_rng(chunks, layout: ParallelLayout, saved: dict | None, step: int) -> bool:
+    rngs = _dropout_rngs(chunks)
+    if saved is not None and saved["stages"] == _stages(chunks) and len(saved["dropout"]) == len(rngs):
+        torch.set_rng_state(saved["torch"])
+        if "cuda" in saved and layout.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda"], layout.device)
+        for rng, state in zip(rngs, saved["dropout"]):
+            rng.set_state(state)
+        return True
+    for rng in rngs:
+        for generator in (rng.replicated, rng.tensor_parallel):
+            generator.manual_seed(seed_for(generator.initial_seed(), f"resume/{step}"))
+    return False
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns that it runs without torch.distributed: that is what the serial layout means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _zero_sharded(optimizer, layout: ParallelLayout) -> bool:
+    return optimizer is not None and optimizer.config.zero1 and layout.dp.size > 1
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def _boxes_to_save(chunks, optimizer, layout: ParallelLayout) -> dict[str, tuple[tuple[int, ...], list[Box]]]:
+    out: dict[str, tuple[tuple[int, ...], list[Box]]] = {}
+
+    def add(fqn, shape, boxes):
+        out.setdefault(fqn, (shape, []))[1].extend(boxes)
+
+    opt = optimizer.state_dict()["params"] if optimizer is not None else {}
+    zero = _zero_sharded(optimizer, layout)
+    for p in _params(chunks):
+        if p.tied_copy or not writes_chunk(p.spec, layout.tp):
+            continue
+        entry = opt.get(p.name)
+        if zero and p.param.requires_grad:
+            if entry is None:  # outside this DP rank's ZeRO-1 shard: another DP rank writes it
+                continue
+        elif layout.dp.rank != 0:  # a DP replica: DP rank 0 writes it
+            continue
+        first, end = entry["range"] if entry is not None else (0, p.param.numel())
+        shape, local = p.spec.full_shape, tuple(p.param.shape)
+        add(f"model.{p.key}", shape, boxes_of(_flat(p.param)[first:end], first, end, p.spec, local))
+        if entry is not None:
+            for field in STATE_FIELDS:
+                add(f"optim.{field}.{p.key}", shape, boxes_of(entry[field], first, end, p.spec, local))
+            if p.param.dtype != torch.float32:
+                add(f"optim.master.{p.key}", shape, boxes_of(entry["master"], first, end, p.spec, local))
+    return out
+
+
+def save_checkpoint(root: str, step: int, chunks, optimizer, layout: ParallelLayout, extra: dict | None = None,
+                    keep_last: int | None = None) -> str:
+    """Collective: write the model, the optimizer state (None: model only), RNG states and `extra` (small
+    picklable state: scheduler, data position, config) as checkpoint `step` under `root`; returns its
+    directory. A save killed on any rank leaves the previous checkpoint and `latest` untouched;
+    `keep_last` keeps only that many newest complete checkpoints (None: all)."""
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    world, rank0 = _world(layout), layout.rank == 0
+    if rank0:
+        os.makedirs(root, exist_ok=True)
+    token = comm.all_gather_object(uuid.uuid4().hex[:12] if rank0 else None, world)[0]
+    tmp = store.temp_dir(root, step, token)
+    objects: dict[str, object] = {_rng_key(layout): _rng_state(chunks, layout)}
+    sizes = {"tp": layout.sizes.tp, "pp": layout.sizes.pp, "dp": layout.sizes.dp}
+    optimizer_meta = None if optimizer is None else {
+        "step": optimizer.steps, "loss_scaler": optimizer.scaler.state_dict() if optimizer.scaler else None,
+        "zero1": optimizer.config.zero1}
+    meta = {"format": FORMAT_VERSION, "step": step, "layout": sizes, "optimizer": optimizer_meta}
+    if rank0:
+        objects["meta"], objects["extra"] = meta, dict(extra or {})
+    try:
+        with _quiet_single_process():
+            dcp_io.write_boxes(tmp, _boxes_to_save(chunks, optimizer, layout), objects, TEST_HOOKS.get("after_write"))
+    except (Exception, dcp_io.CheckpointException) as err:  # noqa: BLE001 - DCP gathers every rank's errors
+        raise CheckpointError(f"saving checkpoint {tmp} failed: {_first_line(err)}") from err
+    error = None
+    if rank0:
+        try:
+            store.write_json(os.path.join(tmp, store.META), {
+                **meta, "world_size": layout.world_size, "extra": extra or {}, "torch": torch.__version__,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "model_dtype": str(next((p.param.dtype for p in _params(chunks)), None))})
+        except OSError as err:
+            error = f"{type(err).__name__}: {err}"
+    if "before_commit" in TEST_HOOKS:
+        TEST_HOOKS["before_commit"]()
+    comm.barrier()  # every rank's files, DCP's index and meta.json are on disk
+    if rank0 and error is None:
+        try:
+            store.commit(root, tmp, step, token, keep_last)
+        except OSError as err:
+            error = f"{type(err).__name__}: {err}"
+    error = comm.all_gather_object(error, world)[0]  # rank 0's outcome, so that every rank raises or none
+    if error is not None:
+        raise CheckpointError(f"checkpoint {tmp} was written but could not be completed as "
+                              f"{store.step_dir(root, step)}: {error}")
+    return store.step_dir(root, step)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _boxes_to_load(chunks, optimizer, layout: ParallelLayout, metadata, path: str):
+    """fqn -> boxes to fill on this rank (views of live tensors), the tensors to zero before (so that
+    padding ends up zero), and the optimizer state dict whose tensors they view (None without optimizer)."""
+    reads: dict[str, list[Box]] = {}
+    targets: list[torch.Tensor] = []
+
+    def want(fqn, p: _Param, boxes):
+        shape = dcp_io.tensor_shape(metadata, fqn)
+        if shape is None:
+            hint = (" (saved without optimizer state: load with optimizer=None, before build_optimizer)"
+                    if fqn.startswith("optim.") else " (saved from another model?)")
+            raise CheckpointError(f"checkpoint {path} has no tensor {fqn!r}{hint}")
+        if shape != p.spec.full_shape:
+            raise CheckpointError(f"checkpoint {path}: {fqn} has shape {shape}, this model {p.spec.full_shape}")
+        reads.setdefault(fqn, []).extend(boxes)
+
+    state = optimizer.state_dict() if optimizer is not None else None
+    opt = state["params"] if state is not None else {}
+    zero = _zero_sharded(optimizer, layout)
+    for p in _params(chunks):
+        local, entry = tuple(p.param.shape), opt.get(p.name)
+        if entry is not None:
+            first, end = entry["range"]
+            master = f"optim.master.{p.key}"
+            if p.param.dtype == torch.float32 or dcp_io.tensor_shape(metadata, master) is None:
+                master = f"model.{p.key}"  # fp32 parameters are their own master weights
+            for field, fqn in (("master", master), *((f, f"optim.{f}.{p.key}") for f in STATE_FIELDS)):
+                targets.append(entry[field])
+                want(fqn, p, boxes_of(entry[field], first, end, p.spec, local))
+        elif zero and p.param.requires_grad:
+            continue  # outside this rank's ZeRO-1 shard: the optimizer's parameter gather fills it
+        else:
+            flat = _flat(p.param)
+            targets.append(flat)
+            want(f"model.{p.key}", p, boxes_of(flat, 0, flat.numel(), p.spec, local))
+    return reads, targets, state
+
+
+def load_checkpoint(root: str, chunks, optimizer, layout: ParallelLayout, step: int | None = None) -> dict:
+    """Collective: load checkpoint `step` (None: the `latest` one) into this rank's chunks and optimizer
+    (None: the model only), whatever layout saved it; returns the `extra` dict it was saved with.
+    Raises FileNotFoundError when there is no such checkpoint, CheckpointError when it is unusable."""
+    if step is None:  # rank 0 reads the marker, so that every rank loads the same checkpoint
+        step = comm.all_gather_object(store.latest_step(root) if layout.rank == 0 else None, _world(layout))[0]
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {root!r}: no '{store.MARKER}' marker and no complete "
+                                    f"step_* directory")
+    path = store.step_dir(root, step)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist (complete checkpoints under {root!r}: "
+                                f"steps {store.complete_steps(root)})")
+    with torch.no_grad():
+        extra, restored, saved_layout = _load(path, step, chunks, optimizer, layout)
+    if not restored and layout.rank == 0:
+        warnings.warn(f"checkpoint {path} was saved with layout {saved_layout}: dropout generators re-seeded "
+                      f"from (seed, step {step}) instead of restored", stacklevel=2)
+    return extra
+
+
+def _load(path: str, step: int, chunks, optimizer, layout: ParallelLayout):
+    world, rng_key = _world(layout), _rng_key(layout)
+    error, reads, targets, state, objects = None, {}, [], None, ["meta", "extra"]
+    try:
+        if not store.is_complete(path):
+            raise CheckpointError(f"checkpoint {path} is incomplete: no {store.DCP_INDEX} or {store.META}")
+        try:
+            metadata = dcp_io.read_metadata(path)
+        except Exception as err:  # noqa: BLE001 - any unpickling error means a damaged index
+            raise CheckpointError(f"checkpoint {path}: its index {store.DCP_INDEX} is unreadable "
+                                  f"({type(err).__name__}: {err})") from err
+        try:
+            fmt = store.read_json(os.path.join(path, store.META)).get("format")
+        except (OSError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {path}: {store.META} is unreadable "
+                                  f"({type(err).__name__}: {err})") from err
+        if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {path} has format {fmt!r}; this code reads formats up to "
+                                  f"{FORMAT_VERSION}")
+        reads, targets, state = _boxes_to_load(chunks, optimizer, layout, metadata, path)
+        if rng_key in metadata.state_dict_metadata:
+            objects.append(rng_key)
+    except CheckpointError as err:
+        error = str(err)
+    errors = [e for e in comm.all_gather_object(error, world) if e is not None]
+    if errors:  # every rank raises, none is left waiting in DCP's collectives
+        raise CheckpointError(errors[0])
+    for tensor in targets:
+        tensor.zero_()
+    try:
+        with _quiet_single_process():
+            loaded = dcp_io.read_boxes(path, reads, objects)
+    except (Exception, dcp_io.CheckpointException) as err:  # noqa: BLE001 - DCP gathers every rank's read errors
+        raise CheckpointError(f"checkpoint {path} could not be read (a truncated or corrupt data file?): "
+                              f"{_first_line(err)}") from err
+    meta = loaded["meta"]
+    if optimizer is not None:
+        state["step"] = meta["optimizer"]["step"]
+        state["loss_scaler"] = meta["optimizer"]["loss_scaler"]
+        optimizer.load_state_dict(state)  # parameters from master weights, ZeRO-1 gather over DP
+    restored = _restore_rng(chunks, layout, loaded.get(rng_key), step)
+    return loaded["extra"], restored, meta["layout"]
+
+
+def _first_line(err: BaseException) -> str:
+    """The root cause in one line: for DCP's gathered exception, the first failing rank's error."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        cause = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+        return f"rank {rank}: {type(cause).__name__}: {str(cause).splitlines()[0][:400] if str(cause) else ''}"
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:400] if str(err) else ''}"
+
+
+def latest_step(root: str) -> int | None:
+    """The step of the newest complete checkpoint under `root` (the `latest` marker), or None."""
+    return store.latest_step(root)

@@ -1,0 +1,55 @@
+"""Stop cleanly when the scheduler asks: save at the next step boundary, requeue, exit 0.
+
+SLURM sends SIGUSR1 (with `--signal=USR1@<lead>`) or SIGTERM before it kills a job. A signal may
+reach the ranks at different steps, so the ranks agree at each step boundary (a max over TP, PP and
+DP, which together span the whole job) and all stop after the same step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import torch
+
+from megatron_lite.parallel import comm
+from megatron_lite.parallel.layout import ParallelLayout
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    """Remembers that a stop signal arrived; installed for the duration of a training loop."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self, layout: ParallelLayout) -> bool:
+        """True on every rank once any rank has received a stop signal."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=layout.device)
+        for group in (layout.tp, layout.pp, layout.dp):
+            comm.all_reduce(flag, group, op="max")
+        return bool(flag.item())
+
+
+def requeue_slurm_job(environ=os.environ) -> str | None:
+    """Put this SLURM job back in the queue (it restarts from the latest checkpoint); returns the job id."""
+    job = environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
+    return job
