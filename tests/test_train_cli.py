@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from megatron_lite.training.config import compose
+from megatron_lite.training.setup import check_run_config, resolve_data_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,9 +20,10 @@ def run_train(tmp_path, *overrides, timeout=240):
 
 # (override, message): Hydra rejects unknown keys and wrong types while composing; the rest is ours.
 BAD_CONFIGS = [
-    ("parallel.tpp=2", "Key 'tpp' is not in struct"),
+    ("parallel.tpp=2", "Could not override 'parallel.tpp'"),
     ("parallel.tp=two", "Value 'two' of type 'str' could not be converted to Integer"),
     ("model=gpt5", "Could not find 'model/gpt5'"),
+    ("parallel.dp=null", "parallel.dp=null needs a launcher"),
     ("parallel.tp=3", "model.num_heads=4 is not divisible by parallel.tp=3"),
     ("parallel.schedule=zigzag", "parallel.schedule='zigzag' is not allowed; choose one of ['gpipe', '1f1b', 'interleaved_1f1b']"),
     ("parallel.pp=2 parallel.schedule=interleaved_1f1b parallel.virtual_stages=2 parallel.microbatches=3",
@@ -39,11 +41,20 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("override,message", BAD_CONFIGS, ids=[o for o, _ in BAD_CONFIGS])
-def test_bad_configs_fail_fast_with_a_clear_message(tmp_path, override, message):
+def test_bad_configs_are_one_clear_error(override, message):
+    """The same composition and checks scripts/train.py runs, in-process (Hydra compose API)."""
+    with pytest.raises(ValueError) as err:
+        cfg = compose(override.split())
+        check_run_config(resolve_data_parallel(cfg, None), cfg.world_size)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override,message", [BAD_CONFIGS[0], BAD_CONFIGS[4]], ids=["hydra", "ours"])
+def test_script_exits_with_the_message_before_starting_processes(tmp_path, override, message):
     result = run_train(tmp_path, *override.split(), timeout=60)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
-    assert not (tmp_path / "ckpt").exists()
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "data").exists()
 
 
 def test_compose_gives_typed_config():

@@ -169,7 +169,8 @@ def compose(overrides: list[str] = ()) -> RunConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             composed = hydra_compose(config_name="config", overrides=list(overrides))
     except HydraException as err:
-        raise ValueError(f"bad config override: {err}") from None
+        cause = f" ({err.__cause__})" if err.__cause__ else ""
+        raise ValueError(f"bad config override: {err}{cause}") from None
     return to_run_config(composed)
 
 
