@@ -83,3 +83,28 @@ def test_3d_training_run_learns_and_logs_offline(tmp_path):
     assert val[1] < val[0]
     assert "sample from the model after training" in result.stdout
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_training_on_a_blend_of_preprocessed_corpora(tmp_path):
+    import json
+
+    from megatron_lite.data.preprocess import preprocess
+    from megatron_lite.data.tokenizer import ByteTokenizer
+
+    prefixes = {}
+    for name, text in (("verse", "shall I compare thee to a summer's day " * 60),
+                       ("prose", "it was the best of times, it was the worst of times " * 60)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps({"text": text[i:i + 500]}) for i in range(0, len(text), 500)))
+        prefixes[name] = str(tmp_path / name)
+        preprocess(str(path), prefixes[name], ByteTokenizer(), cache_dir=str(tmp_path / "hf"))
+    blend = (f"data=indexed", f"data.train_prefixes=[{prefixes['verse']},{prefixes['prose']}]",
+             "data.train_weights=[0.7,0.3]", f"data.validation_prefix={prefixes['prose']}")
+    result = run_train(tmp_path, *blend, "trainer.max_steps=6", "trainer.seq_length=32", "trainer.eval_interval=3",
+                       "trainer.sample_tokens=0", "checkpoint.dir=null", "trainer.log_interval=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("| loss ") == 6
+
+    missing = run_train(tmp_path, "data=indexed", f"data.train_prefixes=[{tmp_path / 'nope'}]",
+                        f"data.validation_prefix={prefixes['prose']}", "trainer.max_steps=1", "checkpoint.dir=null")
+    assert missing.returncode != 0 and str(tmp_path / "nope") in missing.stderr

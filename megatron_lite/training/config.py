@@ -23,8 +23,8 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZER_BACKENDS = ("native", "deepspeed")
 WANDB_MODES = ("online", "offline", "disabled")
-DATASETS = ("shakespeare",)
-TOKENIZERS = ("byte",)
+DATASETS = ("shakespeare", "indexed")
+TOKENIZERS = ("byte", "hf")
 
 
 def _model_schema():
@@ -56,9 +56,13 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "shakespeare"
-    tokenizer: str = "byte"
+    name: str = "shakespeare"  # shakespeare (embedded) | indexed (files from scripts/preprocess_data.py)
+    tokenizer: str = "byte"  # byte | hf (tokenizer_path: a `tokenizers` JSON file)
+    tokenizer_path: str | None = None
     cache_dir: str = "data_cache"
+    train_prefixes: list[str] = field(default_factory=list)  # indexed: .bin/.idx prefixes, blended by weight
+    train_weights: list[float] = field(default_factory=list)  # empty: equal weights
+    validation_prefix: str | None = None
 
 
 @dataclass
@@ -205,5 +209,13 @@ def check_values(cfg: RunConfig) -> None:
         raise ValueError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
     if cfg.optim.lr <= 0 or cfg.optim.min_lr < 0 or cfg.optim.min_lr > cfg.optim.lr:
         raise ValueError(f"optim.lr={cfg.optim.lr} and optim.min_lr={cfg.optim.min_lr} need 0 <= min_lr <= lr, lr > 0")
+    data = cfg.data
+    if data.name == "indexed" and (not data.train_prefixes or not data.validation_prefix):
+        raise ValueError("data.name=indexed needs data.train_prefixes=[...] and data.validation_prefix=...")
+    if data.train_weights and len(data.train_weights) != len(data.train_prefixes):
+        raise ValueError(f"data.train_weights has {len(data.train_weights)} entries for "
+                         f"{len(data.train_prefixes)} data.train_prefixes")
+    if data.tokenizer == "hf" and not data.tokenizer_path:
+        raise ValueError("data.tokenizer=hf needs data.tokenizer_path (a tokenizers JSON file)")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ValueError(f"optim.grad_clip={cfg.optim.grad_clip} must be > 0, or null for no clipping")

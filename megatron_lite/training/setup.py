@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from megatron_lite.data.defaults import prepare_shakespeare
-from megatron_lite.data.gpt_dataset import GPTWindowDataset
+from megatron_lite.data.gpt_dataset import BlendedDataset, GPTWindowDataset
 from megatron_lite.data.indexed import IndexedTokens
-from megatron_lite.data.tokenizer import ByteTokenizer
+from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.models.config import check_model_fits_layout
 from megatron_lite.optim import OptimizerConfig, build_optimizer
 from megatron_lite.parallel import comm
@@ -93,25 +93,31 @@ def build_layout(cfg: RunConfig) -> ParallelLayout:
 
 @dataclass
 class Datasets:
-    tokenizer: ByteTokenizer
-    train: GPTWindowDataset
+    tokenizer: object
+    train: object  # GPTWindowDataset or BlendedDataset
     validation: GPTWindowDataset
     validation_tokens: IndexedTokens
 
 
 def build_datasets(cfg: RunConfig, layout: ParallelLayout) -> Datasets:
-    tokenizer = ByteTokenizer()
-    if layout.rank == 0:  # one rank tokenizes; the others then find valid files and skip the work
-        prepare_shakespeare(cfg.data.cache_dir, tokenizer)
-    comm.barrier()
-    prefixes = prepare_shakespeare(cfg.data.cache_dir, tokenizer)
-    validation_tokens = IndexedTokens(prefixes["validation"])
-    return Datasets(
-        tokenizer=tokenizer,
-        train=GPTWindowDataset(IndexedTokens(prefixes["train"]), cfg.trainer.seq_length, cfg.seed),
-        validation=GPTWindowDataset(validation_tokens, cfg.trainer.seq_length, cfg.seed),
-        validation_tokens=validation_tokens,
-    )
+    data, seq = cfg.data, cfg.trainer.seq_length
+    tokenizer = build_tokenizer(data.tokenizer, data.tokenizer_path)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the {data.tokenizer} tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}; raise model.vocab_size")
+    if data.name == "shakespeare":
+        if layout.rank == 0:  # one rank tokenizes; the others then find valid files and skip the work
+            prepare_shakespeare(data.cache_dir, tokenizer)
+        comm.barrier()
+        prefixes = prepare_shakespeare(data.cache_dir, tokenizer)
+        train_prefixes, weights, validation_prefix = [prefixes["train"]], [1.0], prefixes["validation"]
+    else:
+        train_prefixes, validation_prefix = list(data.train_prefixes), data.validation_prefix
+        weights = list(data.train_weights) or [1.0] * len(train_prefixes)
+    train_sets = [GPTWindowDataset(IndexedTokens(prefix), seq, cfg.seed) for prefix in train_prefixes]
+    train = train_sets[0] if len(train_sets) == 1 else BlendedDataset(train_sets, weights, cfg.seed)
+    validation_tokens = IndexedTokens(validation_prefix)
+    return Datasets(tokenizer, train, GPTWindowDataset(validation_tokens, seq, cfg.seed), validation_tokens)
 
 
 def build_model_and_optimizer(cfg: RunConfig, layout: ParallelLayout):
