@@ -35,6 +35,7 @@ BAD_CONFIGS = [
     ("trainer.seq_length=1000", "trainer.seq_length=1000 exceeds model.max_seq_len=256"),
     ("parallel.tp=4 parallel.sequence_parallel=true trainer.seq_length=126", "divisible by parallel.tp=4"),
     ("optim.backend=deepspeed parallel.pp=2", "optim.backend=deepspeed supports pp=1 only"),
+    ("optim.backend=deepspeed", "optim.backend=deepspeed does not write checkpoints yet"),
     ("trainer.micro_batch_size=0", "trainer.micro_batch_size=0 must be a positive integer"),
     ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be > 0"),
 ]
@@ -108,3 +109,15 @@ def test_training_on_a_blend_of_preprocessed_corpora(tmp_path):
     missing = run_train(tmp_path, "data=indexed", f"data.train_prefixes=[{tmp_path / 'nope'}]",
                         f"data.validation_prefix={prefixes['prose']}", "trainer.max_steps=1", "checkpoint.dir=null")
     assert missing.returncode != 0 and str(tmp_path / "nope") in missing.stderr
+
+
+def test_deepspeed_backend_from_the_config_trains_like_the_native_optimizer(tmp_path):
+    common = ("parallel.tp=2", "parallel.dp=2", "checkpoint.dir=null", "trainer.max_steps=3", "trainer.log_interval=1",
+              "trainer.eval_interval=100", "trainer.sample_tokens=0", "trainer.seq_length=32")
+    runs = [run_train(tmp_path, *common, *backend) for backend in
+            ((), ("optim.backend=deepspeed", "optim.deepspeed_zero_stage=2"))]
+    losses = []
+    for result in runs:
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses.append([line.split("| loss ")[1].split(" |")[0] for line in result.stdout.splitlines() if "| loss " in line])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch.distributed as dist
 
@@ -18,6 +19,7 @@ from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes, check_s
 from megatron_lite.pipeline.partition import build_model_chunks, split_layers
 from megatron_lite.pipeline.schedules import PipelinePlan, build_schedule
 from megatron_lite.training.config import RunConfig, check_values
+from megatron_lite.training.step import train_step
 
 
 def resolve_data_parallel(cfg: RunConfig, world_size: int | None) -> RunConfig:
@@ -57,6 +59,9 @@ def check_run_config(cfg: RunConfig, world_size: int) -> None:
         raise ValueError("optim.backend=deepspeed supports pp=1 only; use optim.backend=native with parallel.pp > 1")
     if cfg.optim.backend == "deepspeed" and cfg.trainer.precision == "fp16":
         raise ValueError("optim.backend=deepspeed is wired for fp32 and bf16; use the native backend for fp16")
+    if cfg.optim.backend == "deepspeed" and cfg.checkpoint.dir:
+        raise ValueError("optim.backend=deepspeed does not write checkpoints yet; set checkpoint.dir=null or use "
+                         "optim.backend=native")
 
 
 def pipeline_plan(cfg: RunConfig) -> PipelinePlan:
@@ -120,7 +125,30 @@ def build_datasets(cfg: RunConfig, layout: ParallelLayout) -> Datasets:
     return Datasets(tokenizer, train, GPTWindowDataset(validation_tokens, seq, cfg.seed), validation_tokens)
 
 
-def build_model_and_optimizer(cfg: RunConfig, layout: ParallelLayout):
+@dataclass
+class Trainable:
+    """The model chunks and how one step updates them, whichever optimizer backend is behind it."""
+
+    chunks: list
+    optimizer: object | None  # the native optimizer (checkpointed), None with the DeepSpeed backend
+    set_lr: Callable[[float], None]
+    step: Callable[..., tuple[float, dict]]  # step(tokens, targets) -> (loss, stats)
+
+
+def build_trainable(cfg: RunConfig, layout: ParallelLayout, plan: PipelinePlan) -> Trainable:
     chunks = build_model_chunks(cfg.model_config(), layout, cfg.seed, cfg.parallel.virtual_stages,
                                 options=cfg.build_options())
-    return chunks, build_optimizer(chunks, layout, optimizer_config(cfg))
+    if cfg.optim.backend == "deepspeed":
+        from megatron_lite.optim import deepspeed_backend as ds
+
+        engine = ds.build_deepspeed_engine(chunks, layout, optimizer_config(cfg), cfg.optim.deepspeed_zero_stage,
+                                           cfg.parallel.microbatches, cfg.trainer.micro_batch_size)
+
+        def deepspeed_step(tokens, targets):
+            loss = ds.deepspeed_train_step(engine, tokens, targets, layout, cfg.parallel.microbatches)
+            return loss, ds.deepspeed_step_stats(engine)
+
+        return Trainable(chunks, None, lambda lr: ds.set_lr(engine, lr), deepspeed_step)
+    optimizer = build_optimizer(chunks, layout, optimizer_config(cfg))
+    return Trainable(chunks, optimizer, optimizer.set_lr,
+                     lambda tokens, targets: train_step(chunks, optimizer, tokens, targets, layout, plan))

@@ -15,8 +15,8 @@ from megatron_lite.training.generate import sample_tokens
 from megatron_lite.training.logging import MetricsLogger, WandbSettings
 from megatron_lite.training.metrics import StepMetrics, StepTimer, model_flops_per_token
 from megatron_lite.training.preemption import StopRequest, requeue_slurm_job
-from megatron_lite.training.setup import build_datasets, build_layout, build_model_and_optimizer, cosine_lr, pipeline_plan
-from megatron_lite.training.step import run_schedule, train_step
+from megatron_lite.training.setup import build_datasets, build_layout, build_trainable, cosine_lr, pipeline_plan
+from megatron_lite.training.step import run_schedule
 
 
 @torch.no_grad()
@@ -40,11 +40,13 @@ def _wandb_settings(cfg: RunConfig, output_dir: str | None) -> WandbSettings:
 
 
 def _save(cfg, step, chunks, optimizer, layout, sampler) -> None:
+    """optimizer: the native one (the DeepSpeed backend refuses checkpoint.dir up front)."""
     extra = {"step": step, "scheduler": {"step": step}, "data": sampler.state_dict(), "config": cfg.to_dict()}
     save_checkpoint(cfg.checkpoint.dir, step, chunks, optimizer, layout, extra, keep_last=cfg.checkpoint.keep_last)
 
 
-def _loop(cfg, layout, data, chunks, optimizer, plan, sampler, logger, timer, history, stop, start_step) -> None:
+def _loop(cfg, layout, data, trainable, plan, sampler, logger, timer, history, stop, start_step) -> None:
+    chunks, optimizer = trainable.chunks, trainable.optimizer
     ckpt = cfg.checkpoint
     tokens_per_step = cfg.global_batch_size * cfg.trainer.seq_length
     flops_per_token = model_flops_per_token(cfg.model_config(), cfg.trainer.seq_length)
@@ -52,14 +54,15 @@ def _loop(cfg, layout, data, chunks, optimizer, plan, sampler, logger, timer, hi
     done = start_step
     for step, indices in zip(range(start_step, cfg.trainer.max_steps), sampler):
         lr = cosine_lr(step, cfg)
-        optimizer.set_lr(lr)
+        trainable.set_lr(lr)
         tokens, targets = get_batch(data.train, indices)
         with timer:
-            loss, stats = train_step(chunks, optimizer, tokens, targets, layout, plan)
+            loss, stats = trainable.step(tokens, targets)
         history["train_loss"].append(loss)
         perf = StepMetrics.compute(timer.elapsed, tokens_per_step, flops_per_token, layout.world_size, peak_flops)
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": stats["grad_norm"],
-                   "train/skipped": float(stats["skipped"]), **perf.as_dict()}
+                   "train/skipped": float(stats["skipped"]), **perf.as_dict(),
+                   **{f"comm/{key}_bytes": n for key, n in stats.get("comm_bytes", {}).items()}}
         done = step + 1
         if done % cfg.trainer.eval_interval == 0 or done == cfg.trainer.max_steps:
             val = evaluate(chunks, plan, data.validation, layout, cfg)
@@ -82,8 +85,9 @@ def train(cfg: RunConfig, output_dir: str | None = None) -> dict:
     """Train (resuming from the latest checkpoint if there is one); returns the loss history."""
     layout = build_layout(cfg)
     data = build_datasets(cfg, layout)
-    chunks, optimizer = build_model_and_optimizer(cfg, layout)
     plan = pipeline_plan(cfg)
+    trainable = build_trainable(cfg, layout, plan)
+    chunks, optimizer = trainable.chunks, trainable.optimizer
     sampler = DistributedBatchSampler(None, cfg.global_batch_size, layout.dp.rank, layout.dp.size)
 
     start_step = 0
@@ -106,7 +110,7 @@ def train(cfg: RunConfig, output_dir: str | None = None) -> dict:
     history = {"train_loss": [], "val_loss": [], "start_step": start_step, "preempted": False}
     timer = StepTimer(layout.device if layout.device.type == "cuda" else None)
     with StopRequest() as stop:
-        _loop(cfg, layout, data, chunks, optimizer, plan, sampler, logger, timer, history, stop, start_step)
+        _loop(cfg, layout, data, trainable, plan, sampler, logger, timer, history, stop, start_step)
     if history["preempted"]:
         # Requeue only with a checkpoint to resume from; one rank asks for the whole job.
         requeued = requeue_slurm_job() if layout.rank == 0 and ckpt.dir else None
