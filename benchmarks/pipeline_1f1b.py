@@ -439,10 +439,15 @@ def main(argv=None) -> dict:
                          "steps": args.steps, "rounds": args.rounds, "cpus": os.cpu_count(),
                          "library": _library_version(), "torch": torch.__version__},
               "rows": rows, "ratios": ratios}
-    if args.json:
-        with open(args.json, "w") as f:
+    return emit_result(result, args.json)
+
+
+def emit_result(result: dict, json_path: str | None) -> dict:
+    """Write the results to `json_path`, or print them as the last line of stdout."""
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
-        print(f"\nresults written to {args.json}")
+        print(f"\nresults written to {json_path}")
     else:
         print(json.dumps(result))
     return result

@@ -52,7 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pipeline_1f1b import (GLOBAL_BATCH, HEADS, HIDDEN, INIT_STD, LAYERS, LR, SEED, SEQ, VOCAB,  # noqa: E402
+from pipeline_1f1b import (emit_result, GLOBAL_BATCH, HEADS, HIDDEN, INIT_STD, LAYERS, LR, SEED, SEQ, VOCAB,  # noqa: E402
                            WEIGHT_DECAY, _batch, _library_version)
 
 from megatron_lite.parallel.spawn import run_on_ranks  # noqa: E402
@@ -492,13 +492,7 @@ def main(argv=None) -> dict:
                          "cpus": os.cpu_count(),
                          "library": _library_version(), "versions": versions},
               "rows": rows, "ratios": ratios}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nresults written to {args.json}")
-    else:
-        print(json.dumps(result))
-    return result
+    return emit_result(result, args.json)
 
 
 if __name__ == "__main__":
