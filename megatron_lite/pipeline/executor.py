@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -65,6 +66,7 @@ def _message_key(action: Action, rank: int, p: int) -> tuple:
     return ("activation" if action.kind == ActionKind.RECV_ACTIVATION else "grad", action.microbatch, stage)
 
 
+@functools.lru_cache(maxsize=32)  # a pure function of the (frozen) plan; executors are rebuilt every step
 def send_completion_points(plan: PipelinePlan, rank: int) -> dict[tuple, list[tuple]]:
     """For each receive on `rank` (by message key): the sends of `rank` known complete once it arrives.
 
