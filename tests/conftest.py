@@ -1,4 +1,15 @@
+import os
+
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_outer_slurm_job():
+    """Run inside a SLURM allocation, the processes the tests start would take the job's SLURM_*
+    variables for their own (joining, or requeueing, the outer job); the tests start clean."""
+    outer = {key: os.environ.pop(key) for key in list(os.environ) if key.startswith("SLURM_")}
+    yield
+    os.environ.update(outer)
 
 # Largest relative errors seen by the serial-equivalence tests, printed as a table at the end.
 EQUIVALENCE_REPORT: list[tuple[str, dict[str, float]]] = []

@@ -83,6 +83,7 @@ def test_3d_training_run_learns_and_logs_offline(tmp_path):
     assert losses[-1] < losses[0] - 1.0  # from ~ln(257) = 5.5 towards the byte entropy of English
     assert val[1] < val[0]
     assert "sample from the model after training" in result.stdout
+    assert "every tp group is within one node" in result.stdout  # 8 local ranks: one node
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 

@@ -70,12 +70,15 @@ class ParallelLayout:
     # First and last pipeline stage of this (dp, tp) position: they sum the gradients of tied
     # input/output embeddings. Size 1 on middle stages and without pipeline parallelism.
     embedding: CommGroup | None = None
+    world: CommGroup | None = None  # every rank of the job (metadata and job-wide agreement)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: object | None = None
 
     def __post_init__(self):
         if self.embedding is None:
             self.embedding = CommGroup.single("embedding", self.stats)
+        if self.world is None:
+            self.world = CommGroup.single("world", self.stats)
 
     @classmethod
     def serial(cls, device: torch.device | str = "cpu") -> "ParallelLayout":
@@ -118,7 +121,9 @@ class ParallelLayout:
         else:
             device = torch.device("cpu")
         embedding = _embedding_group(sizes, rank, stats)
-        return cls(sizes=sizes, rank=rank, stats=stats, device=device, mesh=mesh, embedding=embedding, **groups)
+        world = CommGroup("world", None, sizes.world_size, rank, tuple(range(sizes.world_size)), stats)
+        return cls(sizes=sizes, rank=rank, stats=stats, device=device, mesh=mesh, embedding=embedding, world=world,
+                   **groups)
 
     @property
     def world_size(self) -> int:

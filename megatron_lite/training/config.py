@@ -93,6 +93,9 @@ class TrainerConfig:
     recompute: str = "none"  # none | full | selective
     peak_tflops: float | None = None  # per device, for MFU; null: MFU not reported
     sample_tokens: int = 200  # text generated at the end of the run (0: none)
+    # The failure path, on purpose: this global rank raises after step `crash_after_step` (null: never).
+    crash_rank: int | None = None
+    crash_after_step: int = 1
 
 
 @dataclass

@@ -11,11 +11,16 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 import subprocess
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from megatron_lite.parallel import comm
+from megatron_lite.parallel.layout import ParallelLayout
 
 
 @dataclass(frozen=True)
@@ -57,10 +62,13 @@ def distributed_env(environ=os.environ) -> DistributedEnv | None:
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"), master_port=int(environ.get("MASTER_PORT", 29500)),
             source="torchrun",
         )
-    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+    # Only an srun task (SLURM_STEP_ID set) is a rank: the batch script itself also sees SLURM_PROCID=0
+    # and the job's task count, and a run started there spawns its ranks itself.
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ and tasks > 1:
         job = environ.get("SLURM_JOB_ID", "0")
         return DistributedEnv(
-            rank=int(environ["SLURM_PROCID"]), world_size=int(environ["SLURM_NTASKS"]),
+            rank=int(environ["SLURM_PROCID"]), world_size=tasks,
             local_rank=int(environ.get("SLURM_LOCALID", 0)), node_rank=int(environ.get("SLURM_NODEID", 0)),
             master_addr=environ.get("MASTER_ADDR") or first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             master_port=int(environ.get("MASTER_PORT") or port_for_job(job)),
@@ -78,3 +86,29 @@ def init_from_env(env: DistributedEnv, timeout_s: float = 600.0) -> None:
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=env.rank,
                             world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def node_name(environ=os.environ) -> str:
+    """The node this process runs on: SLURM's name for it (emulated nodes may share a hostname)."""
+    return environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def describe_placement(layout: ParallelLayout) -> str | None:
+    """Which ranks (with their pp/dp/tp coordinates) run on which node, and whether every TP group
+    stays within one node, where its per-layer all-reduces belong. Collective over the job; None
+    for a one-process run."""
+    if layout.world_size == 1:
+        return None
+    mine = (layout.rank, node_name(), layout.pp.rank, layout.dp.rank, layout.tp.rank, layout.tp.ranks)
+    rows = comm.all_gather_object(mine, layout.world)
+    node_of = {rank: node for rank, node, *_ in rows}
+    by_node = defaultdict(list)
+    for rank, node, pp, dp, tp, _ in rows:
+        by_node[node].append(f"{rank}[pp{pp} dp{dp} tp{tp}]")
+    lines = [f"node {node}: {' '.join(ranks)}" for node, ranks in by_node.items()]
+    split = sorted({tp_ranks for *_, tp_ranks in rows if len({node_of[r] for r in tp_ranks}) > 1})
+    if split:
+        lines.append(f"warning: tp groups {split} span nodes; give each node a multiple of tp tasks in rank order")
+    else:
+        lines.append("every tp group is within one node")
+    return "rank placement:\n  " + "\n  ".join(lines)

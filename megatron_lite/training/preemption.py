@@ -1,8 +1,8 @@
 """Stop cleanly when the scheduler asks: save at the next step boundary, requeue, exit 0.
 
 SLURM sends SIGUSR1 (with `--signal=USR1@<lead>`) or SIGTERM before it kills a job. A signal may
-reach the ranks at different steps, so the ranks agree at each step boundary (a max over TP, PP and
-DP, which together span the whole job) and all stop after the same step.
+reach the ranks at different steps, so the ranks agree at each step boundary (a max over the whole
+job) and all stop after the same step.
 """
 
 from __future__ import annotations
@@ -41,15 +41,15 @@ class StopRequest:
     def agreed(self, layout: ParallelLayout) -> bool:
         """True on every rank once any rank has received a stop signal."""
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=layout.device)
-        for group in (layout.tp, layout.pp, layout.dp):
-            comm.all_reduce(flag, group, op="max")
+        comm.all_reduce(flag, layout.world, op="max")
         return bool(flag.item())
 
 
-def requeue_slurm_job(environ=os.environ) -> str | None:
-    """Put this SLURM job back in the queue (it restarts from the latest checkpoint); returns the job id."""
-    job = environ.get("SLURM_JOB_ID")
-    if not job:
-        return None
-    subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
-    return job
+def slurm_job_id(environ=os.environ) -> str | None:
+    return environ.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job(job_id: str) -> None:
+    """Put the SLURM job back in the queue; it restarts from the latest checkpoint. SLURM ends the
+    job's running tasks when it does."""
+    subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)

@@ -55,6 +55,9 @@ def check_run_config(cfg: RunConfig, world_size: int) -> None:
         raise ValueError(f"trainer.seq_length={seq} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     if cfg.parallel.sequence_parallel and seq % sizes.tp:
         raise ValueError(f"parallel.sequence_parallel needs trainer.seq_length={seq} divisible by parallel.tp={sizes.tp}")
+    crash = cfg.trainer.crash_rank
+    if crash is not None and not 0 <= crash < world_size:
+        raise ValueError(f"trainer.crash_rank={crash} is not a rank of this {world_size}-rank job (0..{world_size - 1})")
     if cfg.optim.backend == "deepspeed" and sizes.pp > 1:
         raise ValueError("optim.backend=deepspeed supports pp=1 only; use optim.backend=native with parallel.pp > 1")
     if cfg.optim.backend == "deepspeed" and cfg.trainer.precision == "fp16":

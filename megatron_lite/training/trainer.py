@@ -9,12 +9,14 @@ import torch
 
 from megatron_lite.checkpoint import latest_step, load_checkpoint, save_checkpoint
 from megatron_lite.data.sampler import DistributedBatchSampler, get_batch
+from megatron_lite.parallel import comm
 from megatron_lite.pipeline.schedules import PipelinePlan
 from megatron_lite.training.config import RunConfig
 from megatron_lite.training.generate import sample_tokens
+from megatron_lite.training.launch import describe_placement
 from megatron_lite.training.logging import MetricsLogger, WandbSettings
 from megatron_lite.training.metrics import StepMetrics, StepTimer, model_flops_per_token
-from megatron_lite.training.preemption import StopRequest, requeue_slurm_job
+from megatron_lite.training.preemption import StopRequest, requeue_slurm_job, slurm_job_id
 from megatron_lite.training.setup import build_datasets, build_layout, build_trainable, cosine_lr, pipeline_plan
 from megatron_lite.training.step import run_schedule
 
@@ -70,6 +72,8 @@ def _loop(cfg, layout, data, trainable, plan, sampler, logger, timer, history, s
             metrics.update({"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))})
         logger.log(step, metrics, force="val/loss" in metrics)
         history["last_step"] = step
+        if layout.rank == cfg.trainer.crash_rank and done == cfg.trainer.crash_after_step:
+            raise RuntimeError(f"trainer.crash_rank={layout.rank}: crashing after step {done} on purpose")
         if stop.agreed(layout):
             history["preempted"] = True
             if ckpt.dir:
@@ -98,6 +102,7 @@ def train(cfg: RunConfig, output_dir: str | None = None) -> dict:
         sampler.load_state_dict(extra["data"])
 
     logging_rank = layout.rank == 0
+    placement = describe_placement(layout)
     logger = MetricsLogger(logging_rank, _wandb_settings(cfg, output_dir), cfg.to_dict(),
                            total_steps=cfg.trainer.max_steps, log_interval=cfg.trainer.log_interval,
                            start_step=start_step)
@@ -107,16 +112,24 @@ def train(cfg: RunConfig, output_dir: str | None = None) -> dict:
                    f"{cfg.global_batch_size} x {cfg.trainer.seq_length} tokens"
                    + (f" | resumed at step {start_step}" if start_step else ""))
 
+    if placement:
+        logger.message(placement)
+
     history = {"train_loss": [], "val_loss": [], "start_step": start_step, "preempted": False}
     timer = StepTimer(layout.device if layout.device.type == "cuda" else None)
     with StopRequest() as stop:
         _loop(cfg, layout, data, trainable, plan, sampler, logger, timer, history, stop, start_step)
     if history["preempted"]:
-        # Requeue only with a checkpoint to resume from; one rank asks for the whole job.
-        requeued = requeue_slurm_job() if layout.rank == 0 and ckpt.dir else None
+        # Requeue only with a checkpoint to resume from. SLURM ends the job's tasks as soon as it
+        # requeues, so one rank asks once every rank has saved and finished logging.
+        job = slurm_job_id() if ckpt.dir else None
         logger.message(f"stop signal: stopped after step {history['last_step']}"
-                       + (", checkpoint saved" if ckpt.dir else "") + (f", job {requeued} requeued" if requeued else ""))
+                       + (", checkpoint saved" if ckpt.dir else "") + (f", requeueing job {job}" if job else ""))
         logger.finish()
+        if job:
+            comm.barrier()
+            if layout.rank == 0:
+                requeue_slurm_job(job)
         return history
 
     if cfg.trainer.sample_tokens:
