@@ -14,7 +14,7 @@ on the machine disturb much less than wall time.
 Tied embeddings: ours and DeepSpeed (TiedLayerSpec) tie the input and output embedding across the
 pipeline ends (one all-reduce of its gradient per step); torch.distributed.pipelining cannot tie
 across stages, so the torch model is untied and is compared with our untied model.
-Optimizer: ours is the library's own (flat fp32 buffers, AdamW written out) when it has one, the
+Optimizer: ours is the library's own (flat fp32 buffers, PyTorch's fused AdamW kernel) when it has one, the
 peers use torch.optim.AdamW (DeepSpeed wraps it) with the same hyperparameters and decay groups.
 
     python benchmarks/pipeline_1f1b.py [--pp 2 4] [--steps 10] [--warmup 3] [--rounds 1] [--json out.json]

@@ -41,11 +41,57 @@ class ColumnParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enter_region:
-            x = enter_tp_region(x, self.tp, self.sequence_parallel)
-        y = F.linear(x, self.weight, self.bias)
+            [y] = column_parallel_linears(x, [self.weight], [self.bias], self.tp, self.sequence_parallel)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.gather_output:
             y = _GatherLastDim.apply(y, self.tp)
         return y
+
+
+def column_parallel_linears(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                            tp: CommGroup, sequence_parallel: bool = False) -> list[torch.Tensor]:
+    """Enter the TP region once and apply several column-parallel weights to that shared input (q, k
+    and v; MLP up and gate; the output head).
+
+    Without sequence parallelism the backward all-reduce of the input gradient is started as soon as
+    that gradient exists and runs while the weight gradients are computed (Megatron's overlap of the
+    data-gradient all-reduce), instead of after them."""
+    if sequence_parallel or tp.size == 1:
+        x = enter_tp_region(x, tp, sequence_parallel)
+        return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+    return list(_ColumnLinearsOverlapped.apply(x, tp, *[t for pair in zip(weights, biases) for t in pair]))
+
+
+class _ColumnLinearsOverlapped(torch.autograd.Function):
+    """y_i = x W_i^T + b_i forward; backward: dx = sum_i g_i W_i, all-reduced over TP asynchronously
+    while dW_i = g_i^T x and db_i are computed."""
+
+    @staticmethod
+    def forward(ctx, x, tp, *weights_and_biases):
+        weights, biases = weights_and_biases[0::2], weights_and_biases[1::2]
+        ctx.tp, ctx.has_bias = tp, [b is not None for b in biases]
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        grad_x = None
+        for grad, weight in zip(grads, weights):
+            if grad is not None:
+                part = grad.matmul(weight)
+                grad_x = part if grad_x is None else grad_x.add_(part)
+        pending = comm.all_reduce_async(grad_x.contiguous(), ctx.tp)
+        x_2d = x.reshape(-1, x.shape[-1])
+        grads_params = []
+        for grad, weight, has_bias in zip(grads, weights, ctx.has_bias):
+            if grad is None:
+                grads_params += [None, None]
+                continue
+            grad_2d = grad.reshape(-1, grad.shape[-1])
+            grads_params += [grad_2d.t().mm(x_2d), grad_2d.sum(0) if has_bias else None]
+        return (pending.wait().view_as(x), None, *grads_params)
 
 
 class RowParallelLinear(torch.nn.Module):
@@ -65,6 +111,8 @@ class RowParallelLinear(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.linear(x, self.weight, self.bias)  # the bias joins the matmul (one addmm)
         if not self.input_is_parallel:
             x = comm.scatter_to_sequence(x, self.tp, dim=-1)
         y = leave_tp_region(F.linear(x, self.weight), self.tp, self.sequence_parallel)

@@ -17,8 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.layers.embedding import VocabParallelEmbedding, vocab_shard_spec
-from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear
-from megatron_lite.layers.regions import enter_tp_region
+from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_linears
 from megatron_lite.models.config import BuildOptions, ModelConfig
 from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.layout import ParallelLayout
@@ -103,10 +102,9 @@ class Attention(torch.nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
 
     def forward(self, x):
-        x = enter_tp_region(x, self.ctx.tp, self.ctx.sequence_parallel)
-        q = rearrange(self.q_proj(x), "b s (h d) -> b h s d", d=self.head_dim)
-        k = rearrange(self.k_proj(x), "b s (h d) -> b h s d", d=self.head_dim)
-        v = rearrange(self.v_proj(x), "b s (h d) -> b h s d", d=self.head_dim)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (rearrange(y, "b s (h d) -> b h s d", d=self.head_dim) for y in column_parallel_linears(
+            x, [p.weight for p in projections], [p.bias for p in projections], self.ctx.tp, self.ctx.sequence_parallel))
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
         if self.ctx.options.recompute == "selective":
@@ -142,11 +140,10 @@ class MLP(torch.nn.Module):
         self.down_proj = RowParallelLinear(f, h, tp, bias=cfg.bias, std=layer_std, sequence_parallel=ctx.sequence_parallel)
 
     def forward(self, x):
-        x = enter_tp_region(x, self.ctx.tp, self.ctx.sequence_parallel)
-        if self.gate_proj is not None:
-            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        else:
-            hidden = F.gelu(self.up_proj(x), approximate="tanh")
+        projections = [self.up_proj] + ([self.gate_proj] if self.gate_proj is not None else [])
+        up, *gate = column_parallel_linears(x, [p.weight for p in projections], [p.bias for p in projections],
+                                            self.ctx.tp, self.ctx.sequence_parallel)
+        hidden = F.silu(gate[0]) * up if gate else F.gelu(up, approximate="tanh")
         return self.down_proj(hidden)
 
 
@@ -219,8 +216,8 @@ class LMHead(torch.nn.Module):
         return self._tied[0].weight if self._tied else self.weight
 
     def forward(self, x):
-        x = enter_tp_region(self.norm(x), self.tp, self.sequence_parallel)
-        return F.linear(x, self.output_weight())
+        [logits] = column_parallel_linears(self.norm(x), [self.output_weight()], [None], self.tp, self.sequence_parallel)
+        return logits
 
 
 class TransformerStage(torch.nn.Module):

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.parallel.comm import CommGroup, CommStats
+from megatron_lite.parallel.host_memory import retain_freed_host_memory
 
 MESH_DIM_NAMES = ("pp", "dp", "tp")
 
@@ -120,6 +121,7 @@ class ParallelLayout:
             device = torch.device("cuda", torch.cuda.current_device())
         else:
             device = torch.device("cpu")
+            retain_freed_host_memory()
         embedding = _embedding_group(sizes, rank, stats)
         world = CommGroup("world", None, sizes.world_size, rank, tuple(range(sizes.world_size)), stats)
         return cls(sizes=sizes, rank=rank, stats=stats, device=device, mesh=mesh, embedding=embedding, world=world,
