@@ -5,7 +5,6 @@ and WORLD_SIZE set) each process joins the job; run directly, the script starts 
 processes itself. Only one process writes Hydra's output folder.
 """
 
-import os
 import sys
 
 import hydra
@@ -48,6 +47,7 @@ def main(composed: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if int(os.environ.get("RANK", "0")) > 0:
+    launched = distributed_env()
+    if launched and launched.rank > 0:
         sys.argv += _QUIET_HYDRA
     main()

@@ -20,13 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "srun", "scancel")
+COMMANDS = ("slurmctld", "slurmd", "sbatch", "scontrol", "srun", "scancel", "squeue", "sinfo")
 HOSTS_FILE = Path("/etc/hosts")
 
 
 def unavailable_reason() -> str | None:
     """Why a local cluster cannot start here, or None when it can."""
-    missing = [name for name in DAEMONS if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
+    missing = [name for name in COMMANDS if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
     if missing:
         return (f"SLURM is not installed ({', '.join(missing)} missing): "
                 "apt-get install slurmctld slurmd slurm-client, as .ci/run does")
@@ -97,6 +97,12 @@ class LocalSlurmCluster:
         return self
 
     def stop(self) -> None:
+        # Jobs first: their slurmstepd and ranks would outlive the daemons and keep the CPUs busy.
+        if self._alive(self.root / "slurmctld.pid"):
+            self.command(_binary("scancel"), "--full", "--partition=debug", check=False)
+            deadline = time.monotonic() + 20
+            while self.command(_binary("squeue"), "-h", check=False).strip() and time.monotonic() < deadline:
+                time.sleep(0.5)
         pids = sorted(self.root.glob("*.pid"))
         for pid_file in pids:
             self._kill(pid_file, signal.SIGTERM)
@@ -146,7 +152,8 @@ class LocalSlurmCluster:
             if until(job):
                 return job
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job.state} after {timeout_s:.0f} s: {job.fields}")
+                self.command(_binary("scancel"), job_id, check=False)  # no job left running behind a failed test
+                raise TimeoutError(f"job {job_id} still {job.state} after {timeout_s:.0f} s (cancelled): {job.fields}")
             time.sleep(0.5)
 
     def signal(self, job_id: str, sig: str = "USR1") -> None:
@@ -210,8 +217,7 @@ class LocalSlurmCluster:
         deadline = time.monotonic() + timeout_s
         states = ""
         while time.monotonic() < deadline:
-            states = self.command(_binary("sinfo") if shutil.which("sinfo") else "sinfo", "-h", "-N", "-o", "%N %t",
-                                  check=False)
+            states = self.command(_binary("sinfo"), "-h", "-N", "-o", "%N %t", check=False)
             idle = [line for line in states.splitlines() if line.split()[-1:] == ["idle"]]
             if len(idle) == len(self.node_names):
                 return
@@ -238,14 +244,26 @@ class LocalSlurmCluster:
                 pass
 
     def _add_hosts(self) -> None:
-        with HOSTS_FILE.open("a") as hosts:
-            hosts.write(self._hosts_line)
+        self._rewrite_hosts(lambda line: not self._stale_hosts_line(line))
+        with HOSTS_FILE.open("r+") as hosts:
+            text = hosts.read()
+            hosts.write(("" if not text or text.endswith("\n") else "\n") + self._hosts_line)
 
     def _remove_hosts(self) -> None:
+        self._rewrite_hosts(lambda line: line != self._hosts_line)
+
+    @staticmethod
+    def _stale_hosts_line(line: str) -> bool:
+        """A line an earlier, killed test run left behind (its process is gone)."""
+        match = re.search(r"# megatron-lite test cluster (\d+)$", line.strip())
+        return bool(match) and not Path(f"/proc/{match.group(1)}").exists()
+
+    @staticmethod
+    def _rewrite_hosts(keep) -> None:
         # In place (not rename): /etc/hosts is often a bind mount.
         with HOSTS_FILE.open("r+") as hosts:
             lines = hosts.readlines()
-            kept = [line for line in lines if line != self._hosts_line]
+            kept = [line for line in lines if keep(line)]
             if len(kept) != len(lines):
                 hosts.seek(0)
                 hosts.writelines(kept)

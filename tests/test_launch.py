@@ -16,6 +16,12 @@ def test_srun_task_is_a_rank_of_the_job():
     assert (env.master_addr, env.master_port) == ("gpu07", port_for_job("4242"))
 
 
+def test_master_is_the_first_node_of_the_step_not_of_the_job():
+    task = {k: v for k, v in SRUN_TASK.items() if k != "MASTER_ADDR"}
+    assert distributed_env(task).master_addr == "gpu07"
+    assert distributed_env({**task, "SLURM_STEP_NODELIST": "gpu08"}).master_addr == "gpu08"
+
+
 def test_step_task_count_wins_over_the_job_task_count():
     env = distributed_env({**SRUN_TASK, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"})
     assert (env.rank, env.world_size) == (1, 2)
@@ -39,6 +45,6 @@ def test_master_is_the_first_host_of_the_node_list():
 
 
 def test_port_is_the_same_for_a_job_and_differs_between_jobs():
-    ports = {port_for_job(str(job)) for job in range(1000, 1100)}
-    assert len(ports) == 100 and all(20000 <= p < 60000 for p in ports)
+    ports = {port_for_job(str(job), step) for job in range(1000, 1100) for step in ("0", "1")}
+    assert len(ports) == 200 and all(20000 <= p < 60000 for p in ports)
     assert port_for_job("77_3") == port_for_job("77_3")

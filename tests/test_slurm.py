@@ -96,9 +96,10 @@ def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_loss
     job_id, log = _submit(cluster, tmp_path, *_run_args(tmp_path), *overrides, options=two_nodes)
     _wait_for_log(log, r"step\s+3/14", timeout_s=180)
     cluster.signal(job_id, "USR1")
-    job = cluster.wait(job_id, timeout_s=300, until=lambda j: j.restarts >= 1 and j.state == "COMPLETED")
+    job = cluster.wait(job_id, timeout_s=300, until=lambda j: (j.restarts >= 1 and j.state == "COMPLETED")
+                       or j.state in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
     out = _read(log)
-    assert job.exit_code == "0:0", f"{job.fields}\n{out[-4000:]}"
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), f"{job.fields}\n{out[-4000:]}"
     assert "restart 1" in out, out[-4000:]
     stopped = re.search(r"stop signal: stopped after step (\d+), checkpoint saved, requeueing job (\d+)", out)
     assert stopped and stopped.group(2) == job_id, out[-4000:]
@@ -117,14 +118,11 @@ def test_a_crashing_rank_ends_the_job_with_its_traceback(cluster, tmp_path):
     job_id, log = _submit(cluster, tmp_path, *_run_args(tmp_path), "trainer.max_steps=50", "trainer.crash_rank=5",
                           "trainer.crash_after_step=2", "checkpoint.dir=null")
     _wait_for_log(log, r"step\s+1/50", timeout_s=240)
-    started = time.monotonic()
-    job = cluster.wait(job_id, timeout_s=120)
-    ended_after = time.monotonic() - started
+    job = cluster.wait(job_id, timeout_s=60)  # the crash comes one step later; the job must end soon after
     out = _read(log)
     assert job.state == "FAILED" and job.exit_code != "0:0", f"{job.fields}\n{out[-4000:]}"
     assert "Traceback (most recent call last)" in out and "trainer.crash_rank=5: crashing after step 2" in out, out[-4000:]
     assert not re.search(r"step\s+50/50", out)
-    assert ended_after < 120, f"the job took {ended_after:.0f} s to end after the crash"
 
 
 def test_hydra_sweep_runs_each_point_as_a_slurm_job(cluster, tmp_path):

@@ -76,19 +76,15 @@ class _ColumnLinearsOverlapped(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        # Autograd materialises the gradient of every output (zeros for an unused one): none is None.
         x, *weights = ctx.saved_tensors
-        grad_x = None
-        for grad, weight in zip(grads, weights):
-            if grad is not None:
-                part = grad.matmul(weight)
-                grad_x = part if grad_x is None else grad_x.add_(part)
-        pending = comm.all_reduce_async(grad_x.contiguous(), ctx.tp)
+        grad_x = grads[0].matmul(weights[0])
+        for grad, weight in zip(grads[1:], weights[1:]):
+            grad_x.add_(grad.matmul(weight))
+        pending = comm.all_reduce_async(grad_x, ctx.tp)
         x_2d = x.reshape(-1, x.shape[-1])
         grads_params = []
-        for grad, weight, has_bias in zip(grads, weights, ctx.has_bias):
-            if grad is None:
-                grads_params += [None, None]
-                continue
+        for grad, has_bias in zip(grads, ctx.has_bias):
             grad_2d = grad.reshape(-1, grad.shape[-1])
             grads_params += [grad_2d.t().mm(x_2d), grad_2d.sum(0) if has_bias else None]
         return (pending.wait().view_as(x), None, *grads_params)

@@ -10,7 +10,6 @@ the memory instead; the resident size stays at its peak, as it does with the CUD
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -22,7 +21,7 @@ TRIM_THRESHOLD = 2**30
 def retain_freed_host_memory() -> bool:
     """Once per process; False where the C library has no mallopt (not glibc), and nothing changes."""
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

@@ -79,7 +79,10 @@ class ParallelLayout:
         if self.embedding is None:
             self.embedding = CommGroup.single("embedding", self.stats)
         if self.world is None:
-            self.world = CommGroup.single("world", self.stats)
+            size = self.sizes.world_size
+            joined = size > 1 and dist.is_initialized()
+            self.world = (CommGroup("world", None, size, self.rank, tuple(range(size)), self.stats) if joined
+                          else CommGroup.single("world", self.stats))
 
     @classmethod
     def serial(cls, device: torch.device | str = "cpu") -> "ParallelLayout":
@@ -123,9 +126,7 @@ class ParallelLayout:
             device = torch.device("cpu")
             retain_freed_host_memory()
         embedding = _embedding_group(sizes, rank, stats)
-        world = CommGroup("world", None, sizes.world_size, rank, tuple(range(sizes.world_size)), stats)
-        return cls(sizes=sizes, rank=rank, stats=stats, device=device, mesh=mesh, embedding=embedding, world=world,
-                   **groups)
+        return cls(sizes=sizes, rank=rank, stats=stats, device=device, mesh=mesh, embedding=embedding, **groups)
 
     @property
     def world_size(self) -> int:

@@ -48,9 +48,12 @@ def first_host(nodelist: str) -> str:
     return f"{match.group(1)}{match.group(2)}" if match else head
 
 
-def port_for_job(job_id: str) -> int:
-    """A port in [20000, 60000) that all tasks of a job agree on and that differs between jobs."""
-    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 40000
+def port_for_job(job_id: str, step_id: str = "0") -> int:
+    """A port in [20000, 60000) that all tasks of a job step agree on, different for consecutive jobs
+    and for up to 16 steps running at once in one job."""
+    job = int(re.sub(r"\D", "", job_id) or 0)
+    step = int(re.sub(r"\D", "", step_id) or 0)
+    return 20000 + (job * 16 + step % 16) % 40000
 
 
 def distributed_env(environ=os.environ) -> DistributedEnv | None:
@@ -66,12 +69,14 @@ def distributed_env(environ=os.environ) -> DistributedEnv | None:
     # and the job's task count, and a run started there spawns its ranks itself.
     tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
     if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ and tasks > 1:
-        job = environ.get("SLURM_JOB_ID", "0")
+        job, step = environ.get("SLURM_JOB_ID", "0"), environ.get("SLURM_STEP_ID", "0")
+        # The step's nodes, not the job's: an srun on part of the allocation starts task 0 on its own first node.
+        nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
         return DistributedEnv(
             rank=int(environ["SLURM_PROCID"]), world_size=tasks,
             local_rank=int(environ.get("SLURM_LOCALID", 0)), node_rank=int(environ.get("SLURM_NODEID", 0)),
-            master_addr=environ.get("MASTER_ADDR") or first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-            master_port=int(environ.get("MASTER_PORT") or port_for_job(job)),
+            master_addr=environ.get("MASTER_ADDR") or first_host(nodes),
+            master_port=int(environ.get("MASTER_PORT") or port_for_job(job, step)),
             source="slurm",
         )
     return None

@@ -49,7 +49,11 @@ def slurm_job_id(environ=os.environ) -> str | None:
     return environ.get("SLURM_JOB_ID")
 
 
-def requeue_slurm_job(job_id: str) -> None:
+def requeue_slurm_job(job_id: str) -> str | None:
     """Put the SLURM job back in the queue; it restarts from the latest checkpoint. SLURM ends the
-    job's running tasks when it does."""
-    subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)
+    job's running tasks when it does. Returns why it failed, or None."""
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return str(err)
+    return None if done.returncode == 0 else (done.stderr.strip() or f"exit code {done.returncode}")

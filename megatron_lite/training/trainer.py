@@ -9,7 +9,6 @@ import torch
 
 from megatron_lite.checkpoint import latest_step, load_checkpoint, save_checkpoint
 from megatron_lite.data.sampler import DistributedBatchSampler, get_batch
-from megatron_lite.parallel import comm
 from megatron_lite.pipeline.schedules import PipelinePlan
 from megatron_lite.training.config import RunConfig
 from megatron_lite.training.generate import sample_tokens
@@ -74,7 +73,7 @@ def _loop(cfg, layout, data, trainable, plan, sampler, logger, timer, history, s
         history["last_step"] = step
         if layout.rank == cfg.trainer.crash_rank and done == cfg.trainer.crash_after_step:
             raise RuntimeError(f"trainer.crash_rank={layout.rank}: crashing after step {done} on purpose")
-        if stop.agreed(layout):
+        if done < cfg.trainer.max_steps and stop.agreed(layout):
             history["preempted"] = True
             if ckpt.dir:
                 _save(cfg, done, chunks, optimizer, layout, sampler)
@@ -120,16 +119,16 @@ def train(cfg: RunConfig, output_dir: str | None = None) -> dict:
     with StopRequest() as stop:
         _loop(cfg, layout, data, trainable, plan, sampler, logger, timer, history, stop, start_step)
     if history["preempted"]:
-        # Requeue only with a checkpoint to resume from. SLURM ends the job's tasks as soon as it
-        # requeues, so one rank asks once every rank has saved and finished logging.
+        # Requeue only with a checkpoint to resume from (the save ended with a barrier: every rank's
+        # files are on disk). SLURM ends the job's tasks as soon as it requeues: rank 0 asks last.
         job = slurm_job_id() if ckpt.dir else None
         logger.message(f"stop signal: stopped after step {history['last_step']}"
                        + (", checkpoint saved" if ckpt.dir else "") + (f", requeueing job {job}" if job else ""))
         logger.finish()
-        if job:
-            comm.barrier()
-            if layout.rank == 0:
-                requeue_slurm_job(job)
+        if job and layout.rank == 0:
+            error = requeue_slurm_job(job)
+            if error:
+                logger.message(f"requeue of job {job} failed ({error}): resubmit it to resume from the checkpoint")
         return history
 
     if cfg.trainer.sample_tokens:
