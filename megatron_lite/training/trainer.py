@@ -101,7 +101,6 @@ def train(cfg: RunConfig, output_dir: str | None = None) -> dict:
         sampler.load_state_dict(extra["data"])
 
     logging_rank = layout.rank == 0
-    placement = describe_placement(layout)
     logger = MetricsLogger(logging_rank, _wandb_settings(cfg, output_dir), cfg.to_dict(),
                            total_steps=cfg.trainer.max_steps, log_interval=cfg.trainer.log_interval,
                            start_step=start_step)
@@ -111,6 +110,7 @@ def train(cfg: RunConfig, output_dir: str | None = None) -> dict:
                    f"{cfg.global_batch_size} x {cfg.trainer.seq_length} tokens"
                    + (f" | resumed at step {start_step}" if start_step else ""))
 
+    placement = describe_placement(layout)  # a collective: every rank takes part, rank 0 prints
     if placement:
         logger.message(placement)
 
