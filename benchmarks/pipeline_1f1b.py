@@ -3,8 +3,9 @@
 Same GPT-2 (8 layers, hidden 256, 4 heads, sequence 128, vocabulary 1024, fp32), global batch 16 in
 8 microbatches of 2, AdamW (decay on matrices and embeddings only), the 8 blocks split evenly over
 the stages, gloo on CPU, one process per stage, the same torch thread count on every rank. Every
-system runs in its own set of processes (one `run_on_ranks` call each) within one invocation; the
-order of the systems alternates between pipeline sizes and rounds.
+system runs in its own set of processes within one invocation, or with --paired each compared pair
+shares one set of processes and their steps alternate (A B B A ...), so that the machine's drifting
+load hits both alike; the order alternates between pipeline sizes and rounds.
 
 A timed step is forward + backward over all microbatches + gradient finalisation + optimizer step +
 the loss reaching every rank, between two barriers; per step we take the slowest rank, then the
@@ -17,7 +18,7 @@ across stages, so the torch model is untied and is compared with our untied mode
 Optimizer: ours is the library's own (flat fp32 buffers, PyTorch's fused AdamW kernel) when it has one, the
 peers use torch.optim.AdamW (DeepSpeed wraps it) with the same hyperparameters and decay groups.
 
-    python benchmarks/pipeline_1f1b.py [--pp 2 4] [--steps 10] [--warmup 3] [--rounds 1] [--json out.json]
+    python benchmarks/pipeline_1f1b.py [--pp 2 4] [--steps 10] [--warmup 3] [--rounds 1] [--paired] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import statistics
 import sys
-import time
+import warnings
 
 # DeepSpeed picks its accelerator at import time; it is imported lazily, in its own processes only.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_lite.parallel.spawn import run_on_ranks
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import StepTimer, emit_result, library_version, pair_groups, run_group, summarize  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, SEQ = 1024, 256, 8, 4, 128
 GLOBAL_BATCH, MICROBATCHES = 16, 8
@@ -68,48 +69,12 @@ def _adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=LR)
 
 
-_PHASES: dict = {}  # per process: set-up and warm-up seconds, CPU seconds of the timed steps
-
-
-def _timed(step, warmup: int, steps: int) -> tuple[list[float], float]:
-    loss = float("nan")
-    start = time.perf_counter()
-    for _ in range(warmup):
-        loss = step()
-    _PHASES["warmup_s"] = time.perf_counter() - start
-    times, cpu = [], []
-    for _ in range(steps):
-        dist.barrier()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        loss = step()
-        dist.barrier()
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
-    _PHASES["cpu"] = cpu
-    return times, float(loss)
-
-
-def _setup_started() -> None:
-    _PHASES["t0"] = time.perf_counter()
-
-
-def _setup_done() -> None:
-    _PHASES["setup_s"] = time.perf_counter() - _PHASES["t0"]
-
-
-def _result(times, loss, params) -> dict:
-    return {"times": times, "loss": loss, "threads": torch.get_num_threads(),
-            "params": sum(p.numel() for p in params),
-            "setup_s": _PHASES.get("setup_s", float("nan")), "warmup_s": _PHASES.get("warmup_s", float("nan")),
-            "cpu_times": _PHASES["cpu"]}
-
-
 # ----------------------------------------------------------------------------- ours
 
 
-def run_ours(rank: int, world: int, tied: bool, warmup: int, steps: int) -> dict:
-    _setup_started()
+def build_ours(rank: int, world: int, tied: bool) -> dict:
     from megatron_lite.models.config import gpt2_config
+    from megatron_lite.optim.optimizer import OptimizerConfig, build_optimizer
     from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
     from megatron_lite.pipeline.partition import build_model_chunks
     from megatron_lite.pipeline.schedules import build_schedule
@@ -119,27 +84,15 @@ def run_ours(rank: int, world: int, tied: bool, warmup: int, steps: int) -> dict
     cfg = gpt2_config(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
                       max_seq_len=SEQ, tie_embeddings=tied)
     chunks = build_model_chunks(cfg, layout, SEED)
-    params = [p for c in chunks for p in c.parameters()]
-    optimizer = _our_optimizer(chunks, layout, params)
+    optimizer = build_optimizer(chunks, layout, OptimizerConfig(lr=LR, weight_decay=WEIGHT_DECAY))
+    timer = optimizer.step = StepTimer(optimizer.step)
     plan = build_schedule("1f1b", world, MICROBATCHES)
     tokens, targets = _batch()
 
     def step():
-        out = train_step(chunks, optimizer, tokens, targets, layout, plan)
-        return out[0] if isinstance(out, tuple) else out  # newer train_step: (loss, stats)
+        return train_step(chunks, optimizer, tokens, targets, layout, plan)[0]
 
-    _setup_done()
-    times, loss = _timed(step, warmup, steps)
-    return _result(times, loss, params)
-
-
-def _our_optimizer(chunks, layout, params):
-    """The library's own AdamW (DistributedOptimizer: flat fp32 buffers) where it has one, else torch's."""
-    try:
-        from megatron_lite.optim.optimizer import OptimizerConfig, build_optimizer
-    except ImportError:
-        return _adamw(params)
-    return build_optimizer(chunks, layout, OptimizerConfig(lr=LR, weight_decay=WEIGHT_DECAY))
+    return {"step": step, "timer": timer, "params": sum(p.numel() for c in chunks for p in c.parameters())}
 
 
 # ----------------------------------------------------------------------------- plain torch GPT-2 pieces
@@ -218,8 +171,7 @@ def _stage_layers(rank: int, world: int) -> range:
 # ----------------------------------------------------------------------------- torch.distributed.pipelining
 
 
-def run_torch(rank: int, world: int, warmup: int, steps: int) -> dict:
-    _setup_started()
+def build_torch(rank: int, world: int) -> dict:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
     first, last = rank == 0, rank == world - 1
@@ -230,6 +182,7 @@ def run_torch(rank: int, world: int, warmup: int, steps: int) -> dict:
     stage = PipelineStage(stage_module, rank, world, torch.device("cpu"))
     schedule = Schedule1F1B(stage, MICROBATCHES, loss_fn=_lm_loss)
     optimizer = _adamw(stage_module.parameters())
+    timer = optimizer.step = StepTimer(optimizer.step)
     tokens, targets = _batch()
 
     def step():
@@ -247,9 +200,7 @@ def run_torch(rank: int, world: int, warmup: int, steps: int) -> dict:
         dist.broadcast(loss, src=world - 1)
         return loss.item()
 
-    _setup_done()
-    times, loss = _timed(step, warmup, steps)
-    return _result(times, loss, stage_module.parameters())
+    return {"step": step, "timer": timer, "params": sum(p.numel() for p in stage_module.parameters())}
 
 
 # ----------------------------------------------------------------------------- DeepSpeed
@@ -259,8 +210,7 @@ def _tied_head(embedding, x):
     return F.linear(x, embedding.weight)
 
 
-def run_deepspeed(rank: int, world: int, tied: bool, warmup: int, steps: int) -> dict:
-    _setup_started()
+def build_deepspeed(rank: int, world: int, tied: bool) -> dict:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29599")  # the group already exists; never used
     import deepspeed
@@ -268,6 +218,8 @@ def run_deepspeed(rank: int, world: int, tied: bool, warmup: int, steps: int) ->
     from deepspeed.utils import logger
 
     logger.setLevel("WARNING")
+    # DeepSpeed's own broadcast of the tied weight is part of its autograd graph; torch warns on every backward.
+    warnings.filterwarnings("ignore", message="c10d::broadcast_: an autograd kernel was not registered")
     deepspeed.init_distributed(dist_backend="gloo")  # reuses the initialised default group
     embed = TiedLayerSpec("embed", WordEmbedding) if tied else LayerSpec(WordEmbedding)
     head = TiedLayerSpec("embed", WordEmbedding, forward_fn=_tied_head) if tied else LayerSpec(Head)
@@ -293,71 +245,20 @@ def run_deepspeed(rank: int, world: int, tied: bool, warmup: int, steps: int) ->
     tokens, targets = _batch()
     micro = GLOBAL_BATCH // MICROBATCHES
     microbatches = [(tokens[i:i + micro], targets[i:i + micro]) for i in range(0, GLOBAL_BATCH, micro)]
-    _setup_done()
-    times, loss = _timed(lambda: engine.train_batch(iter(microbatches)).item(), warmup, steps)
-    return _result(times, loss, model.parameters())
+    return {"step": lambda: engine.train_batch(iter(microbatches)).item(),
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-_RUNNERS = {
-    "ours": (run_ours, (True,)),
-    "ours-untied": (run_ours, (False,)),
-    "torch": (run_torch, ()),
-    "deepspeed": (run_deepspeed, (True,)),
-    "deepspeed-untied": (run_deepspeed, (False,)),
+_BUILDERS = {
+    "ours": (build_ours, (True,)),
+    "ours-untied": (build_ours, (False,)),
+    "torch": (build_torch, ()),
+    "deepspeed": (build_deepspeed, (True,)),
+    "deepspeed-untied": (build_deepspeed, (False,)),
 }
-
-
-def run_system(system: str, pp: int, warmup: int, steps: int, threads: int, timeout_s: float) -> dict:
-    """One fresh set of `pp` processes for one system; per timed step the slowest rank's time."""
-    fn, args = _RUNNERS[system]
-    start = time.perf_counter()
-    per_rank = run_on_ranks(fn, pp, *args, warmup, steps, timeout_s=timeout_s, threads_per_rank=threads)
-    return {
-        "step_times_s": [max(r["times"][i] for r in per_rank) for i in range(steps)],
-        "rank0_step_times_s": per_rank[0]["times"],
-        # CPU seconds per step summed over the ranks (all threads, gloo's included): the work a system
-        # does, much less sensitive than wall time to other jobs sharing the machine.
-        "cpu_s": [sum(r["cpu_times"][i] for r in per_rank) for i in range(steps)],
-        "threads_per_rank": sorted({r["threads"] for r in per_rank}),
-        "params": sum(r["params"] for r in per_rank),
-        "loss": per_rank[-1]["loss"],
-        "setup_s": max(r["setup_s"] for r in per_rank), "warmup_s": max(r["warmup_s"] for r in per_rank),
-        "wall_s": time.perf_counter() - start,
-    }
-
-
-def _summary(system: str, pp: int, runs: list[dict]) -> dict:
-    steps = [t for run in runs for t in run["step_times_s"]]
-    return {
-        "system": system, "label": LABELS[system], "pp": pp,
-        "median_s": statistics.median(steps), "min_s": min(steps), "max_s": max(steps),
-        "rank0_median_s": statistics.median([t for run in runs for t in run["rank0_step_times_s"]]),
-        "cpu_median_s": statistics.median([t for run in runs for t in run["cpu_s"]]),
-        "threads_per_rank": sorted({t for run in runs for t in run["threads_per_rank"]}),
-        "params": runs[0]["params"], "loss": runs[-1]["loss"], "runs": runs,
-    }
-
-
-def _library_version() -> str:
-    """Where megatron_lite comes from and, in a git checkout, its commit (+dirty: uncommitted edits)."""
-    import subprocess
-
-    import megatron_lite
-
-    where = os.path.dirname(os.path.abspath(megatron_lite.__file__))
-    try:
-        git = ["git", "-C", where]
-        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(git + ["status", "--porcelain", "--", "."], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return f"{where} @ {commit}{'+dirty' if dirty else ''}"
-    except (OSError, subprocess.SubprocessError):
-        return where
-
 
 PAIRS = (  # (ours variant, peer): like with like as far as tying goes first, then the cross pairs
     ("ours", "deepspeed"), ("ours-untied", "torch"), ("ours-untied", "deepspeed-untied"),
@@ -374,6 +275,9 @@ def main(argv=None) -> dict:
                         help="runs per (system, pp), the order alternating; timed steps are pooled")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (every system)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(LABELS))
+    parser.add_argument("--paired", action="store_true",
+                        help="run each compared pair in one set of processes, their steps alternating (A B B A ...), "
+                             "so that both see the same load on a shared machine")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it is declared hung")
     parser.add_argument("--json", help="write the results here instead of as stdout's last line")
     args = parser.parse_args(argv)
@@ -384,27 +288,30 @@ def main(argv=None) -> dict:
     print(f"model: GPT-2 {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, seq {SEQ}, vocab {VOCAB}, fp32; "
           f"global batch {GLOBAL_BATCH} = {MICROBATCHES} microbatches x {GLOBAL_BATCH // MICROBATCHES}; AdamW")
     print(f"gloo on CPU, {args.threads} torch thread(s) per rank in every run, {os.cpu_count()} CPUs; "
-          f"{args.rounds} round(s) x (warmup {args.warmup} + {args.steps} timed steps) per system and pp; "
+          f"{args.rounds} round(s) x (warmup {args.warmup} + {args.steps} timed steps) per system and pp"
+          f"{', compared pairs in the same processes, steps alternating' if args.paired else ''}; "
           f"step time = slowest rank, median over the timed steps")
-    print(f"megatron_lite {_library_version()}; torch {torch.__version__}; "
+    print(f"megatron_lite {library_version()}; torch {torch.__version__}; "
           f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
 
+    groups = pair_groups(args.systems, PAIRS, args.paired)
     runs: dict[tuple[str, int], list[dict]] = {}
     turn = 0
     for round_ in range(args.rounds):
         for pp in args.pp:
-            order = list(args.systems) if turn % 2 == 0 else list(reversed(args.systems))
+            order = groups if turn % 2 == 0 else [g[::-1] for g in reversed(groups)]
             turn += 1
-            for system in order:
-                run = run_system(system, pp, args.warmup, args.steps, args.threads, args.timeout)
-                runs.setdefault((system, pp), []).append(run)
-                print(f"  round {round_} pp={pp} {LABELS[system]:<34} median "
-                      f"{statistics.median(run['step_times_s']):.3f}s (min {min(run['step_times_s']):.3f}, "
-                      f"max {max(run['step_times_s']):.3f}), CPU {statistics.median(run['cpu_s']):.3f}s/step, "
-                      f"loss {run['loss']:.4f}; set-up {run['setup_s']:.1f}s, "
-                      f"warm-up {run['warmup_s']:.1f}s, whole run {run['wall_s']:.0f}s", flush=True)
+            for group in order:
+                specs = [(system, *_BUILDERS[system]) for system in group]
+                for system, run in run_group(specs, pp, args.warmup, args.steps, args.threads, args.timeout).items():
+                    runs.setdefault((system, pp), []).append(run)
+                    print(f"  round {round_} pp={pp} {LABELS[system]:<34} median "
+                          f"{statistics.median(run['step_times_s']):.3f}s (min {min(run['step_times_s']):.3f}, "
+                          f"max {max(run['step_times_s']):.3f}), CPU {statistics.median(run['cpu_s']):.3f}s/step, "
+                          f"loss {run['loss']:.4f}; set-up {run['setup_s']:.1f}s, "
+                          f"warm-up {run['warmup_s']:.1f}s, whole run {run['wall_s']:.0f}s", flush=True)
 
-    rows = [_summary(system, pp, runs[(system, pp)]) for pp in args.pp for system in LABELS
+    rows = [summarize(system, LABELS[system], runs[(system, pp)], pp=pp) for pp in args.pp for system in LABELS
             if (system, pp) in runs]
     by_key = {(r["system"], r["pp"]): r for r in rows}
     ratios = []
@@ -413,11 +320,12 @@ def main(argv=None) -> dict:
             if (ours, pp) in by_key and (peer, pp) in by_key:
                 ratio = by_key[(ours, pp)]["median_s"] / by_key[(peer, pp)]["median_s"]
                 cpu_ratio = by_key[(ours, pp)]["cpu_median_s"] / by_key[(peer, pp)]["cpu_median_s"]
-                # Per round, the two runs were close in time: their ratio is less exposed to load changes.
+                # Per round, the two runs were close in time (or, paired, in the same processes).
                 per_round = [statistics.median(a["step_times_s"]) / statistics.median(b["step_times_s"])
                              for a, b in zip(runs[(ours, pp)], runs[(peer, pp)])]
                 ratios.append({"pp": pp, "ours": ours, "peer": peer, "ratio": ratio, "cpu_ratio": cpu_ratio,
-                               "per_round": per_round})
+                               "per_round": per_round,
+                               "paired": peer in runs[(ours, pp)][0]["paired_with"]})
 
     print(f"\nload average at end {os.getloadavg()[0]:.2f}\n")
     print(f"{'system':<36} {'pp':>3} {'median step s':>14} {'min s':>8} {'max s':>8} {'CPU s/step':>11} "
@@ -429,28 +337,19 @@ def main(argv=None) -> dict:
     print(f"{'ours/peer: median step time (target <= 1.0), CPU time per step':<68} {'pp':>3} {'ratio':>7} "
           f"{'CPU':>7}  per round")
     for q in ratios:
-        name = f"{LABELS[q['ours']]} / {LABELS[q['peer']]}"
+        name = f"{LABELS[q['ours']]} / {LABELS[q['peer']]}{' *' if q['paired'] else ''}"
         rounds = " ".join(f"{r:.3f}" for r in q["per_round"]) if len(q["per_round"]) > 1 else ""
         print(f"{name:<68} {q['pp']:>3} {q['ratio']:>7.3f} {q['cpu_ratio']:>7.3f}  {rounds}")
+    if any(q["paired"] for q in ratios):
+        print("* measured in the same processes, steps alternating")
 
     result = {"config": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "seq": SEQ,
                          "global_batch": GLOBAL_BATCH, "microbatches": MICROBATCHES, "dtype": "float32",
                          "optimizer": "AdamW", "threads_per_rank": args.threads, "warmup": args.warmup,
-                         "steps": args.steps, "rounds": args.rounds, "cpus": os.cpu_count(),
-                         "library": _library_version(), "torch": torch.__version__},
+                         "steps": args.steps, "rounds": args.rounds, "paired": args.paired, "cpus": os.cpu_count(),
+                         "library": library_version(), "torch": torch.__version__},
               "rows": rows, "ratios": ratios}
     return emit_result(result, args.json)
-
-
-def emit_result(result: dict, json_path: str | None) -> dict:
-    """Write the results to `json_path`, or print them as the last line of stdout."""
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nresults written to {json_path}")
-    else:
-        print(json.dumps(result))
-    return result
 
 
 if __name__ == "__main__":

@@ -37,25 +37,21 @@ megatron-core is not a dependency of the project; install it for this benchmark 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 import warnings
 
 # DeepSpeed picks its accelerator at import time; it is imported lazily, in its own processes only.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pipeline_1f1b import (emit_result, GLOBAL_BATCH, HEADS, HIDDEN, INIT_STD, LAYERS, LR, SEED, SEQ, VOCAB,  # noqa: E402
-                           WEIGHT_DECAY, _batch, _library_version)
-
-from megatron_lite.parallel.spawn import run_on_ranks  # noqa: E402
+from harness import StepTimer, emit_result, library_version, pair_groups, run_group, summarize  # noqa: E402
+from pipeline_1f1b import (GLOBAL_BATCH, HEADS, HIDDEN, INIT_STD, LAYERS, LR, SEED, SEQ, VOCAB,  # noqa: E402
+                           WEIGHT_DECAY, _batch)
 
 WORLD, MICRO_BATCH = 2, 8
 TP_MICROBATCHES = GLOBAL_BATCH // MICRO_BATCH  # TP=2, DP=1: accumulate over 2 micro batches of 8
@@ -74,57 +70,6 @@ LABELS = {
 }
 PAIRS = (("ours-tp", "megatron-tp"), ("ours-tp", "dtensor-tp"), ("ours-dp", "deepspeed-z0"),
          ("ours-zero1", "deepspeed-z1"))
-
-
-# ----------------------------------------------------------------------------- timing (per process)
-
-
-class _StepTimer:
-    """Wraps a callable (an optimizer's or engine's step) and adds up the seconds spent in it."""
-
-    def __init__(self, fn):
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-
-def run_systems(rank: int, world: int, systems: list[str], warmup: int, steps: int) -> dict:
-    """Build each system in this process, warm each up, then time them; with several systems (a paired
-    run) their steps alternate, A B B A ..., so that both see the same machine load."""
-    built = {}
-    for system in systems:
-        start = time.perf_counter()
-        fn, args = _BUILDERS[system]
-        built[system] = fn(rank, world, *args)
-        built[system]["setup_s"] = time.perf_counter() - start
-    results = {system: {"times": [], "cpu_times": [], "step_call_times": [], "loss": float("nan"),
-                        "threads": torch.get_num_threads(), "params": b["params"], "setup_s": b["setup_s"]}
-               for system, b in built.items()}
-    for system, b in built.items():
-        start = time.perf_counter()
-        for _ in range(warmup):
-            results[system]["loss"] = b["step"]()
-        results[system]["warmup_s"] = time.perf_counter() - start
-    for i in range(steps):
-        for system in systems if i % 2 == 0 else systems[::-1]:
-            b, r = built[system], results[system]
-            dist.barrier()
-            b["timer"].seconds = 0.0
-            start, cpu_start = time.perf_counter(), time.process_time()
-            r["loss"] = b["step"]()
-            dist.barrier()
-            r["times"].append(time.perf_counter() - start)
-            r["cpu_times"].append(time.process_time() - cpu_start)
-            r["step_call_times"].append(b["timer"].seconds)
-    for b in built.values():
-        if "close" in b:
-            b["close"]()
-    return results
 
 
 def _gpt2_config():
@@ -161,7 +106,7 @@ def build_ours(rank: int, world: int, tp: int, zero1: bool) -> dict:
     chunks = build_model_chunks(_gpt2_config(), layout, SEED)
     optimizer = build_optimizer(chunks, layout, OptimizerConfig(lr=LR, weight_decay=WEIGHT_DECAY, zero1=zero1,
                                                                 bucket_size_mb=BUCKET_MB))
-    timer = optimizer.step = _StepTimer(optimizer.step)
+    timer = optimizer.step = StepTimer(optimizer.step)
     microbatches = TP_MICROBATCHES if tp > 1 else DP_MICROBATCHES
     plan = build_schedule("1f1b", 1, microbatches)
     tokens, targets = _local_batch(layout.dp.rank, layout.dp.size)
@@ -187,7 +132,7 @@ def build_deepspeed(rank: int, world: int, stage: int) -> dict:
     engine = build_deepspeed_engine(chunks, layout, OptimizerConfig(lr=LR, weight_decay=WEIGHT_DECAY,
                                                                     bucket_size_mb=BUCKET_MB),
                                     zero_stage=stage, microbatches=DP_MICROBATCHES, micro_batch_size=MICRO_BATCH)
-    timer = engine.step = _StepTimer(engine.step)
+    timer = engine.step = StepTimer(engine.step)
     tokens, targets = _local_batch(layout.dp.rank, layout.dp.size)
 
     def step():
@@ -263,7 +208,7 @@ def build_megatron(rank: int, world: int) -> dict:
     torch.manual_seed(SEED)  # same full weights on every rank; each keeps its shard
     model = _megatron_gpt(config, world)
     optimizer = _torch_adamw(model.parameters())
-    timer = optimizer.step = _StepTimer(optimizer.step)
+    timer = optimizer.step = StepTimer(optimizer.step)
     tokens, targets = _batch()
     micro = [(tokens[i:i + MICRO_BATCH], targets[i:i + MICRO_BATCH]) for i in range(0, GLOBAL_BATCH, MICRO_BATCH)]
 
@@ -331,7 +276,7 @@ def build_dtensor(rank: int, world: int) -> dict:
     parallelize_module(model, mesh, plan)
     model.head.weight = model.word.weight  # parallelize_module replaced both; both are Shard(0): tie again
     optimizer = _torch_adamw(model.parameters())
-    timer = optimizer.step = _StepTimer(optimizer.step)
+    timer = optimizer.step = StepTimer(optimizer.step)
     tokens, targets = _batch()
     micro = [(tokens[i:i + MICRO_BATCH], targets[i:i + MICRO_BATCH]) for i in range(0, GLOBAL_BATCH, MICRO_BATCH)]
 
@@ -369,40 +314,6 @@ def _megatron_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core") is not None
-
-
-def run_group(systems: list[str], warmup: int, steps: int, threads: int, timeout_s: float) -> dict[str, dict]:
-    """One fresh set of processes running `systems` (one, or a pair whose steps alternate); per timed
-    step the slowest rank's time."""
-    start = time.perf_counter()
-    per_rank = run_on_ranks(run_systems, WORLD, systems, warmup, steps, timeout_s=timeout_s, threads_per_rank=threads)
-    wall = time.perf_counter() - start
-    out = {}
-    for system in systems:
-        ranks = [r[system] for r in per_rank]
-        out[system] = {
-            "step_times_s": [max(r["times"][i] for r in ranks) for i in range(steps)],
-            # CPU seconds per step summed over the ranks (all threads, gloo's included): the work a
-            # system does, much less sensitive than wall time to other jobs sharing the machine.
-            "cpu_s": [sum(r["cpu_times"][i] for r in ranks) for i in range(steps)],
-            "step_call_s": [max(r["step_call_times"][i] for r in ranks) for i in range(steps)],
-            "threads_per_rank": sorted({r["threads"] for r in ranks}),
-            "params_per_rank": ranks[0]["params"],
-            "loss": ranks[0]["loss"],
-            "setup_s": max(r["setup_s"] for r in ranks), "warmup_s": max(r["warmup_s"] for r in ranks),
-            "wall_s": wall, "paired_with": [s for s in systems if s != system],
-        }
-    return out
-
-
-def _summary(system: str, runs: list[dict]) -> dict:
-    pooled = lambda key: [t for run in runs for t in run[key]]  # noqa: E731
-    steps = pooled("step_times_s")
-    return {"system": system, "label": LABELS[system], "median_s": statistics.median(steps), "min_s": min(steps),
-            "max_s": max(steps), "cpu_median_s": statistics.median(pooled("cpu_s")),
-            "step_call_median_s": statistics.median(pooled("step_call_s")),
-            "threads_per_rank": sorted({t for run in runs for t in run["threads_per_rank"]}),
-            "params_per_rank": runs[0]["params_per_rank"], "loss": runs[-1]["loss"], "runs": runs}
 
 
 def main(argv=None) -> dict:
@@ -444,18 +355,15 @@ def main(argv=None) -> dict:
             versions.append(f"{package} {version(package)}")
         except Exception:  # noqa: BLE001 - not installed
             pass
-    print(f"megatron_lite {_library_version()}; {'; '.join(versions)}; "
+    print(f"megatron_lite {library_version()}; {'; '.join(versions)}; "
           f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
 
-    if args.paired:
-        groups = [[ours, peer] for ours, peer in PAIRS if ours in systems and peer in systems]
-        groups += [[s] for s in systems if not any(s in g for g in groups)]
-    else:
-        groups = [[s] for s in systems]
+    groups = pair_groups(systems, PAIRS, args.paired)
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):
         for group in groups if round_ % 2 == 0 else [g[::-1] for g in reversed(groups)]:
-            for system, run in run_group(group, args.warmup, args.steps, args.threads, args.timeout).items():
+            specs = [(system, *_BUILDERS[system]) for system in group]
+            for system, run in run_group(specs, WORLD, args.warmup, args.steps, args.threads, args.timeout).items():
                 runs.setdefault(system, []).append(run)
                 print(f"  round {round_} {LABELS[system]:<32} median {statistics.median(run['step_times_s']):.3f}s "
                       f"(min {min(run['step_times_s']):.3f}, max {max(run['step_times_s']):.3f}), CPU "
@@ -463,7 +371,7 @@ def main(argv=None) -> dict:
                       f"{statistics.median(run['step_call_s']):.3f}s, loss {run['loss']:.4f}; set-up "
                       f"{run['setup_s']:.1f}s, warm-up {run['warmup_s']:.1f}s, whole run {run['wall_s']:.0f}s", flush=True)
 
-    rows = [_summary(system, runs[system]) for system in LABELS if system in runs]
+    rows = [summarize(system, LABELS[system], runs[system]) for system in LABELS if system in runs]
     by_system = {r["system"]: r for r in rows}
     ratios = []
     for ours, peer in PAIRS:
@@ -490,7 +398,7 @@ def main(argv=None) -> dict:
                          "bucket_size_mb": BUCKET_MB, "world": WORLD, "threads_per_rank": args.threads,
                          "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "paired": args.paired,
                          "cpus": os.cpu_count(),
-                         "library": _library_version(), "versions": versions},
+                         "library": library_version(), "versions": versions},
               "rows": rows, "ratios": ratios}
     return emit_result(result, args.json)
 

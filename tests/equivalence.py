@@ -55,6 +55,7 @@ class Case:
     recompute: str = "none"
     zero1: bool = False
     grad_clip: float | None = None
+    receive_lookahead: int | None = None  # None: the executor's default for the backend
 
     @property
     def world(self) -> int:
@@ -68,6 +69,7 @@ class Case:
             text += f" {label}" if flag else ""
         text += f" recompute={self.recompute}" if self.recompute != "none" else ""
         text += f" clip={self.grad_clip}" if self.grad_clip is not None else ""
+        text += f" lookahead={self.receive_lookahead}" if self.receive_lookahead is not None else ""
         return text
 
     @property
@@ -147,6 +149,9 @@ def _full(chunks, layout, grads: dict[str, torch.Tensor] | None = None) -> dict[
 
 
 def parallel_worker(rank: int, world: int, case: Case):
+    if case.receive_lookahead is not None:  # this process only
+        from megatron_lite.pipeline import executor
+        executor.RECEIVE_LOOKAHEAD = case.receive_lookahead
     layout = ParallelLayout.from_mesh(ParallelSizes(tp=case.tp, pp=case.pp, dp=case.dp))
     record = run_training(case, layout)
     return record if rank == 0 else None

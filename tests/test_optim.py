@@ -100,6 +100,26 @@ def test_buffer_layout_reverse_order_padding_and_views():
         assert torch.equal(slot.param.detach(), before[slot.name])
 
 
+def test_fp32_gradients_accumulate_in_the_buffer_itself():
+    """Over 3 microbatches autograd adds every fp32 gradient straight into the buffer (no per-microbatch
+    gradient tensor): afterwards each .grad is still its main_grad view, holding the same sum that
+    plain torch accumulates in .grad."""
+    layout = ParallelLayout.serial()
+    cfg = TINY_MODELS["gpt2"]
+    chunks = build_model_chunks(cfg, layout, SEED)
+    reference = build_model_chunks(cfg, layout, SEED)[0]
+    optimizer = build_optimizer(chunks, layout, OptimizerConfig())
+    tokens, targets = next(global_batches(cfg.vocab_size, steps=1))
+    optimizer.zero_grad()
+    run_schedule(chunks, build_schedule("1f1b", 1, 3), tokens, targets, layout)
+    for micro_tokens, micro_targets in zip(tokens.chunk(3), targets.chunk(3)):
+        (reference.loss(reference(micro_tokens), micro_targets).mean() / 3).backward()
+    expected = dict(reference.named_parameters())
+    for name, param in chunks[0].named_parameters():
+        assert param.grad is param.main_grad, name
+        assert rel_err(param.main_grad, expected[name].grad) < 1e-6, name
+
+
 def test_state_dict_is_addressed_by_name_and_reloads_exactly():
     """State per parameter name with its ShardSpec and element range; loading a snapshot taken after
     step 2 and replaying steps 3-4 gives the same losses bit for bit (bf16: separate fp32 master)."""

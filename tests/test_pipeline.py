@@ -21,6 +21,9 @@ CASES = (
     + [Case(model, pp=p, microbatches=m, schedule="interleaved_1f1b", virtual_stages=2)
        for model, p, m in (("gpt2_deep", 2, 2), ("gpt2_deep", 2, 4), ("gpt2_deep", 4, 4), ("gpt2_deep", 4, 8),
                            ("llama_deep", 2, 4), ("llama_deep", 4, 4))]
+    # Receives in the plan's order (as on NCCL), and posted far ahead of it.
+    + [Case("gpt2_deep", pp=4, microbatches=8, schedule=s, virtual_stages=v, receive_lookahead=ahead)
+       for s, v in (("1f1b", 1), ("interleaved_1f1b", 2)) for ahead in (0, 5)]
     + [Case(model, tp=2, pp=2, dp=2, microbatches=2, schedule=s, virtual_stages=v)  # full 3D on 8 ranks
        for model, s, v in (("gpt2_deep", "1f1b", 1), ("llama_deep", "1f1b", 1), ("gpt2_deep", "interleaved_1f1b", 2))]
 )

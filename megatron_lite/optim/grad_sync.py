@@ -24,7 +24,10 @@ from megatron_lite.parallel.sharding import spec_of
 class BucketedGradSync:
     """Accumulates gradients into the chunk buffers and reduces them over DP, overlapped with backward.
 
-    A post-accumulate-grad hook adds each `param.grad` into its `main_grad` (fp32) and frees it. Until
+    An fp32 parameter's `.grad` is its `main_grad` view itself, so autograd accumulates every
+    microbatch in place in the buffer (as DDP's gradient_as_bucket_view); a bf16/fp16 parameter's
+    `.grad` is added into its fp32 `main_grad` by a post-accumulate-grad hook and freed. Parameters
+    need the hook only for that, or to count toward a bucket's DP reduction (DP > 1). Until
     `before_last_backward(chunk)` is called nothing is communicated; after it, a hook that completes a
     bucket of that chunk starts the bucket's reduction. Every DP rank runs the same graphs, so buckets
     start in the same order everywhere, as collectives require. `finish()` starts any bucket still
@@ -38,8 +41,13 @@ class BucketedGradSync:
         self._in_last_backward = [False] * len(buffers)
         self._missing: list[list[int]] = []  # per chunk, per bucket: parameters not yet final
         self._pending: dict[tuple[int, int], comm.PendingCollective] = {}
-        self._hooks = [slot.param.register_post_accumulate_grad_hook(self._hook(buffer.index, slot))
-                       for buffer in buffers for slot in buffer.slots]
+        self._hooks, self._unhooked = [], []  # a hook costs a Python call per parameter and microbatch
+        for buffer in buffers:
+            for slot in buffer.slots:
+                if dp.size > 1 or not _accumulates_in_place(slot.param):
+                    self._hooks.append(slot.param.register_post_accumulate_grad_hook(self._hook(buffer.index, slot)))
+                else:
+                    self._unhooked.append(slot.param)
         self.reset()
 
     def reset(self) -> None:
@@ -49,7 +57,7 @@ class BucketedGradSync:
         for buffer in self.buffers:
             buffer.grad_data.zero_()
             for slot in buffer.slots:
-                slot.param.grad = None
+                slot.param.grad = slot.param.main_grad if _accumulates_in_place(slot.param) else None
         self._in_last_backward = [False] * len(self.buffers)
         self._missing = [[len(b.slots) for b in buffer.buckets] for buffer in self.buffers]
         self.launch_order = []
@@ -60,8 +68,7 @@ class BucketedGradSync:
 
     def _hook(self, chunk: int, slot: ParamSlot):
         def accumulate(param: torch.nn.Parameter) -> None:
-            param.main_grad.add_(param.grad)
-            param.grad = None
+            _settle_in_main_grad(param)
             if self._in_last_backward[chunk]:
                 self._missing[chunk][slot.bucket] -= 1
                 if self._missing[chunk][slot.bucket] == 0:
@@ -82,6 +89,8 @@ class BucketedGradSync:
     def finish(self) -> None:
         """Start what has not started, wait for everything; a ZeRO-1 rank's averaged shard lands in its
         own range of the buffer (the rest of the buffer keeps this rank's unreduced gradients)."""
+        for param in self._unhooked:
+            _settle_in_main_grad(param)
         for buffer in self.buffers:
             for bucket in buffer.buckets:
                 if (buffer.index, bucket.index) not in self._pending:
@@ -92,6 +101,25 @@ class BucketedGradSync:
                 lo, hi = self.buffers[chunk].buckets[index].shard(self.dp.rank, self.dp.size)
                 self.buffers[chunk].grad_data[lo:hi].copy_(result)
         self._pending = {}
+
+
+def _accumulates_in_place(param: torch.nn.Parameter) -> bool:
+    """Autograd adds into an existing `.grad` in place, so a `.grad` that is the fp32 buffer view
+    accumulates there directly; other dtypes need the fp32 copy."""
+    return param.dtype == param.main_grad.dtype
+
+
+def _settle_in_main_grad(param: torch.nn.Parameter) -> None:
+    """After autograd accumulated a gradient: make sure the fp32 buffer holds the running sum."""
+    grad = param.grad
+    if grad is param.main_grad or grad is None:
+        return
+    if _accumulates_in_place(param):  # autograd summed out of place (a backward with create_graph=True)
+        param.main_grad.copy_(grad)
+        param.grad = param.main_grad
+    else:
+        param.main_grad.add_(grad)
+        param.grad = None
 
 
 def sum_partial_tp_grads(pieces: list[tuple[ParamSlot, torch.Tensor]], tp: CommGroup) -> None:

@@ -256,6 +256,13 @@ def start_p2p(ops: list[P2POp], g: CommGroup) -> list:
     return dist.batch_isend_irecv(batch)
 
 
+def p2p_operations_independent(g: CommGroup) -> bool:
+    """Whether the group's sends and receives proceed independently of the order they were posted in
+    (gloo), so a receive can be posted early without holding up a later send. NCCL runs a
+    communicator's operations in order on one stream."""
+    return g.size > 1 and dist.get_backend(g.group) == "gloo"
+
+
 def all_gather_object(obj, g: CommGroup) -> list:
     """Every rank's picklable object, in group-rank order (for metadata, never for hot paths)."""
     if g.size == 1:

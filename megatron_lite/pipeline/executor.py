@@ -10,6 +10,12 @@
   (see `send_completion_points`) even where the transport cannot (gloo).
 - Activations and gradients travel under different tags, because with interleaving one pair of
   ranks carries both in the same direction.
+- Where the transport lets transfers proceed independently (gloo), receives are posted a little ahead
+  of the plan (`receive_lookahead` of them, in plan order): gloo moves a message only once its receive
+  is posted, and then needs the sender's communication thread, which on a busy CPU takes a while to
+  get scheduled; posted ahead, the message arrives while the previous compute runs. NCCL serialises
+  the operations of a communicator on one stream, where an early receive could hold up a send that its
+  peer waits for, so there the plan's order is kept.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan, virtual_stage
 
 ACTIVATION_TAG, GRAD_TAG = 0, 1
+RECEIVE_LOOKAHEAD = 1  # receives posted beyond the ones the plan has reached, where the transport allows
 
 
 @dataclass
@@ -37,6 +44,9 @@ class _InFlight:
     received: dict = field(default_factory=dict)    # (kind, mb, chunk) -> (buffer, [work])
     to_send: dict = field(default_factory=dict)     # (kind, mb, chunk) -> tensor ready to send
     sends: dict = field(default_factory=dict)       # message key -> (work, tensor) until known complete
+    receives: list = field(default_factory=list)    # the step's receive actions, in plan order
+    posted: int = 0                                 # how many of them are posted (always a prefix)
+    reached: int = 0                                # how many of them the plan has reached
 
 
 def _release(tensor: torch.Tensor) -> None:
@@ -104,7 +114,8 @@ def send_completion_points(plan: PipelinePlan, rank: int) -> dict[tuple, list[tu
 
 class PipelineExecutor:
     def __init__(self, plan: PipelinePlan, chunks: list[torch.nn.Module], layout: ParallelLayout,
-                 activation_shape: tuple[int, ...], dtype: torch.dtype = torch.float32):
+                 activation_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                 receive_lookahead: int | None = None):
         if len(chunks) != plan.virtual_stages:
             raise ValueError(f"{len(chunks)} model chunks for a plan with {plan.virtual_stages} virtual stages")
         self.plan, self.chunks, self.layout = plan, chunks, layout
@@ -115,6 +126,9 @@ class PipelineExecutor:
         self.completion_points = send_completion_points(plan, self.rank)
         self.released_outputs = 0  # forward outputs whose storage our graph no longer pins
         self.peak_pending_sends = 0  # most sends whose buffers were held at once
+        if receive_lookahead is None:
+            receive_lookahead = RECEIVE_LOOKAHEAD if comm.p2p_operations_independent(layout.pp) else 0
+        self.receive_lookahead = receive_lookahead
 
     def _stage(self, chunk: int) -> int:
         return virtual_stage(self.rank, chunk, self.plan.num_stages)
@@ -137,12 +151,20 @@ class PipelineExecutor:
         self.backwards_done = [0] * len(self.chunks)
         loss_sum = torch.zeros((), device=self.layout.device)
         actions = [a for a in self.actions if not forward_only or a.kind in _FORWARD_KINDS]
+        state.receives = [a for a in actions if a.kind.is_recv]
         pending_comm: list[Action] = []
         for action in actions:
+            if action.kind.is_recv:
+                state.reached += 1
+                if state.reached <= state.posted:
+                    continue  # posted ahead already
+                state.posted += 1
             if not action.kind.is_compute:
                 pending_comm.append(action)
                 continue
-            self._communicate(pending_comm, state)
+            ahead = state.receives[state.posted:state.reached + self.receive_lookahead]
+            state.posted += len(ahead)
+            self._communicate(pending_comm + ahead, state)
             pending_comm = []
             if action.kind == ActionKind.FORWARD:
                 loss = self._forward(action, tokens, targets, state, forward_only)
