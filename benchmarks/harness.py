@@ -65,7 +65,7 @@ def run_systems(rank: int, world: int, systems: list[SystemSpec], warmup: int, s
             dist.barrier()
             r["times"].append(time.perf_counter() - start)
             r["cpu_times"].append(time.process_time() - cpu_start)
-            r["step_call_times"].append(timer.seconds if timer is not None else float("nan"))
+            r["step_call_times"].append(timer.seconds if timer is not None else None)
     for b in built.values():
         if "close" in b:
             b["close"]()
@@ -86,7 +86,8 @@ def run_group(systems: list[SystemSpec], world: int, warmup: int, steps: int, th
             # CPU seconds per step summed over the ranks (all threads, gloo's included): the work a
             # system does, much less sensitive than wall time to other jobs sharing the machine.
             "cpu_s": [sum(r["cpu_times"][i] for r in ranks) for i in range(steps)],
-            "step_call_s": [max(r["step_call_times"][i] for r in ranks) for i in range(steps)],
+            "step_call_s": [max(r["step_call_times"][i] for r in ranks) for i in range(steps)]
+            if ranks[0]["step_call_times"][0] is not None else None,  # None: the system has no separate step()
             "threads_per_rank": sorted({r["threads"] for r in ranks}),
             "params_per_rank": ranks[0]["params"], "params": sum(r["params"] for r in ranks),
             "loss": ranks[-1]["loss"],  # the last rank: the pipeline's last stage computes it
@@ -115,7 +116,7 @@ def summarize(system: str, label: str, runs: list[dict], **extra) -> dict:
     steps = pooled("step_times_s")
     return {"system": system, "label": label, **extra, "median_s": statistics.median(steps), "min_s": min(steps),
             "max_s": max(steps), "cpu_median_s": statistics.median(pooled("cpu_s")),
-            "step_call_median_s": statistics.median(pooled("step_call_s")),
+            "step_call_median_s": statistics.median(pooled("step_call_s")) if runs[0]["step_call_s"] else None,
             "threads_per_rank": sorted({t for run in runs for t in run["threads_per_rank"]}),
             "params_per_rank": runs[0]["params_per_rank"], "params": runs[0]["params"], "loss": runs[-1]["loss"],
             "runs": runs}

@@ -378,7 +378,8 @@ def main(argv=None) -> dict:
         if ours in by_system and peer in by_system:
             a, b = by_system[ours], by_system[peer]
             ratios.append({"ours": ours, "peer": peer, "ratio": a["median_s"] / b["median_s"],
-                           "cpu_ratio": a["cpu_median_s"] / b["cpu_median_s"]})
+                           "cpu_ratio": a["cpu_median_s"] / b["cpu_median_s"],
+                           "paired": peer in a["runs"][0]["paired_with"]})
 
     print(f"\nload average at end {os.getloadavg()[0]:.2f}\n")
     print(f"{'system':<34} {'median step s':>14} {'min s':>7} {'max s':>7} {'CPU s/step':>11} {'step() s':>9} "
@@ -390,7 +391,10 @@ def main(argv=None) -> dict:
     print()
     print(f"{'ours/reference, median step time (target <= 1.0); CPU time per step':<70} {'ratio':>7} {'CPU':>7}")
     for q in ratios:
-        print(f"{LABELS[q['ours']] + ' / ' + LABELS[q['peer']]:<70} {q['ratio']:>7.3f} {q['cpu_ratio']:>7.3f}")
+        name = LABELS[q["ours"]] + " / " + LABELS[q["peer"]] + (" *" if q["paired"] else "")
+        print(f"{name:<70} {q['ratio']:>7.3f} {q['cpu_ratio']:>7.3f}")
+    if any(q["paired"] for q in ratios):
+        print("* measured in the same processes, steps alternating")
 
     result = {"config": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "seq": SEQ,
                          "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH, "tp_microbatches": TP_MICROBATCHES,

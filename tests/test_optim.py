@@ -101,9 +101,9 @@ def test_buffer_layout_reverse_order_padding_and_views():
 
 
 def test_fp32_gradients_accumulate_in_the_buffer_itself():
-    """Over 3 microbatches autograd adds every fp32 gradient straight into the buffer (no per-microbatch
-    gradient tensor): afterwards each .grad is still its main_grad view, holding the same sum that
-    plain torch accumulates in .grad."""
+    """Over 3 microbatches autograd adds every fp32 gradient straight into the buffer (no .grad tensor
+    of its own, no hook adding it in): afterwards each .grad is still its main_grad view, holding the
+    same sum that plain torch accumulates in .grad."""
     layout = ParallelLayout.serial()
     cfg = TINY_MODELS["gpt2"]
     chunks = build_model_chunks(cfg, layout, SEED)
@@ -118,6 +118,33 @@ def test_fp32_gradients_accumulate_in_the_buffer_itself():
     for name, param in chunks[0].named_parameters():
         assert param.grad is param.main_grad, name
         assert rel_err(param.main_grad, expected[name].grad) < 1e-6, name
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_gradients_summed_out_of_place_still_reach_the_buffer(dp):
+    """A backward with create_graph=True makes autograd replace .grad with a new tensor (old sum + new
+    gradient) instead of adding in place; the buffer must still end with the full sum, hooked (DP > 1)
+    or not."""
+    results = run_on_ranks(_out_of_place_grads, dp)
+    for got, expected in results:
+        for name in expected:
+            assert rel_err(got[name], expected[name]) < 1e-6, name
+
+
+def _out_of_place_grads(rank, world):
+    layout = ParallelLayout.from_mesh(ParallelSizes(dp=world))
+    cfg = TINY_MODELS["gpt2"]
+    chunks = build_model_chunks(cfg, layout, SEED)
+    reference = build_model_chunks(cfg, layout, SEED)[0]
+    optimizer = build_optimizer(chunks, layout, OptimizerConfig())
+    tokens, targets = next(global_batches(cfg.vocab_size, steps=1))
+    optimizer.zero_grad()
+    for model in (chunks[0], reference):
+        for create_graph in (False, True, False):
+            model.loss(model(tokens), targets).mean().backward(create_graph=create_graph)
+    optimizer.grad_sync.finish()
+    return ({name: param.main_grad.clone() for name, param in chunks[0].named_parameters()},
+            {name: param.grad.detach().clone() for name, param in reference.named_parameters()})
 
 
 def test_state_dict_is_addressed_by_name_and_reloads_exactly():

@@ -2,7 +2,6 @@
 a 3D job over 2 nodes x 4 tasks, preemption with requeue and exact resume, a crashing rank, and a
 Hydra sweep through the submitit launcher. Skipped, with the reason, where SLURM cannot run."""
 
-import os
 import re
 import subprocess
 import sys

@@ -100,7 +100,7 @@ def test_training_on_a_blend_of_preprocessed_corpora(tmp_path):
         path.write_text("\n".join(json.dumps({"text": text[i:i + 500]}) for i in range(0, len(text), 500)))
         prefixes[name] = str(tmp_path / name)
         preprocess(str(path), prefixes[name], ByteTokenizer(), cache_dir=str(tmp_path / "hf"))
-    blend = (f"data=indexed", f"data.train_prefixes=[{prefixes['verse']},{prefixes['prose']}]",
+    blend = ("data=indexed", f"data.train_prefixes=[{prefixes['verse']},{prefixes['prose']}]",
              "data.train_weights=[0.7,0.3]", f"data.validation_prefix={prefixes['prose']}")
     result = run_train(tmp_path, *blend, "trainer.max_steps=6", "trainer.seq_length=32", "trainer.eval_interval=3",
                        "trainer.sample_tokens=0", "checkpoint.dir=null", "trainer.log_interval=1")

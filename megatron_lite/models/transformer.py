@@ -116,12 +116,13 @@ class Attention(torch.nn.Module):
     def core(self, q, k, v):
         """softmax(q k^T / sqrt(d)) v with causal mask: the part selective recomputation recomputes."""
         group = self.heads // self.kv_heads
-        k = repeat(k, "b h s d -> b (h g) s d", g=group)
-        v = repeat(v, "b h s d -> b (h g) s d", g=group)
         p = self.ctx.cfg.dropout
         if p == 0.0 or not self.training:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            # SDPA shares each KV head with its query group itself (no repeated K/V copies).
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
         # Explicit form: SDPA's dropout draws from the global generator, not the TP-aware one.
+        k = repeat(k, "b h s d -> b (h g) s d", g=group)
+        v = repeat(v, "b h s d -> b (h g) s d", g=group)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
         probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)

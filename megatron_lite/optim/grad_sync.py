@@ -109,6 +109,7 @@ def _accumulates_in_place(param: torch.nn.Parameter) -> bool:
     return param.dtype == param.main_grad.dtype
 
 
+@torch.no_grad()
 def _settle_in_main_grad(param: torch.nn.Parameter) -> None:
     """After autograd accumulated a gradient: make sure the fp32 buffer holds the running sum."""
     grad = param.grad

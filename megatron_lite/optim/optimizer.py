@@ -3,8 +3,10 @@
 One step (`train_step` drives it):
     zero_grad()                          zero the fp32 gradient buffers
     run_schedule(..., loss_scale=opt.loss_scale, before_last_backward=opt.before_last_backward)
-                                         gradients accumulate in the buffers; buckets start their DP
-                                         reduction during the last microbatch's backward
+                                         gradients accumulate in the buffers (an fp32 parameter's
+                                         .grad is its buffer view: after step() it holds what the
+                                         buffer holds, final on this rank's ZeRO-1 shard only); buckets
+                                         start their DP reduction during the last microbatch's backward
     step()                               wait for the buckets; TP-partial and tied-embedding sums;
                                          unscale (fp16); global norm; skip on inf/nan; clip; AdamW on
                                          this rank's shard in fp32; parameters back in the model dtype
@@ -98,7 +100,8 @@ class DistributedOptimizer:
         """Pass to run_schedule: lets chunk `chunk`'s buckets start reducing during its last backward."""
         self.grad_sync.before_last_backward(chunk)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
+        """Zero the gradient buffers (fp32 parameters keep .grad as their buffer view, never None)."""
         self.grad_sync.reset()
 
     def set_lr(self, lr: float) -> None:
@@ -198,5 +201,6 @@ class DistributedOptimizer:
 def build_optimizer(chunks: list[torch.nn.Module], layout: ParallelLayout,
                     config: OptimizerConfig = OptimizerConfig()) -> DistributedOptimizer:
     """The optimizer for this rank's model chunks. Call before the first backward: it moves the
-    parameters into contiguous buffers and hooks their gradient accumulation."""
+    parameters and their gradients into contiguous buffers (and hooks gradient accumulation where DP
+    or a bf16/fp16 model needs it)."""
     return DistributedOptimizer(chunks, layout, config)
