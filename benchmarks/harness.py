@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import subprocess
 import time
@@ -120,6 +121,23 @@ def summarize(system: str, label: str, runs: list[dict], **extra) -> dict:
             "threads_per_rank": sorted({t for run in runs for t in run["threads_per_rank"]}),
             "params_per_rank": runs[0]["params_per_rank"], "params": runs[0]["params"], "loss": runs[-1]["loss"],
             "runs": runs}
+
+
+def ratio_interval(ours: list[dict], peer: list[dict], samples: int = 2000) -> tuple[float, float] | None:
+    """95% interval of median(ours) / median(peer) step time, resampling whole rounds (the two runs of
+    a round share their machine conditions, steps within a run do not vary independently); None with
+    fewer than 3 rounds."""
+    rounds = list(zip(ours, peer))
+    if len(rounds) < 3:
+        return None
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(samples):
+        drawn = [rng.choice(rounds) for _ in rounds]
+        ratios.append(statistics.median(t for a, _ in drawn for t in a["step_times_s"])
+                      / statistics.median(t for _, b in drawn for t in b["step_times_s"]))
+    ratios.sort()
+    return ratios[int(0.025 * samples)], ratios[int(0.975 * samples) - 1]
 
 
 def library_version() -> str:

@@ -39,7 +39,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import StepTimer, emit_result, library_version, pair_groups, run_group, summarize  # noqa: E402
+from harness import (StepTimer, emit_result, library_version, pair_groups, ratio_interval, run_group,  # noqa: E402
+                     summarize)
 
 VOCAB, HIDDEN, LAYERS, HEADS, SEQ = 1024, 256, 8, 4, 128
 GLOBAL_BATCH, MICROBATCHES = 16, 8
@@ -324,7 +325,7 @@ def main(argv=None) -> dict:
                 per_round = [statistics.median(a["step_times_s"]) / statistics.median(b["step_times_s"])
                              for a, b in zip(runs[(ours, pp)], runs[(peer, pp)])]
                 ratios.append({"pp": pp, "ours": ours, "peer": peer, "ratio": ratio, "cpu_ratio": cpu_ratio,
-                               "per_round": per_round,
+                               "per_round": per_round, "interval": ratio_interval(runs[(ours, pp)], runs[(peer, pp)]),
                                "paired": peer in runs[(ours, pp)][0]["paired_with"]})
 
     print(f"\nload average at end {os.getloadavg()[0]:.2f}\n")
@@ -335,13 +336,15 @@ def main(argv=None) -> dict:
               f"{r['cpu_median_s']:>11.3f} {','.join(map(str, r['threads_per_rank'])):>8} {r['params']:>10,}")
     print()
     print(f"{'ours/peer: median step time (target <= 1.0), CPU time per step':<68} {'pp':>3} {'ratio':>7} "
-          f"{'CPU':>7}  per round")
+          f"{'CPU':>7} {'95% interval':>13}  per round")
     for q in ratios:
         name = f"{LABELS[q['ours']]} / {LABELS[q['peer']]}{' *' if q['paired'] else ''}"
         rounds = " ".join(f"{r:.3f}" for r in q["per_round"]) if len(q["per_round"]) > 1 else ""
-        print(f"{name:<68} {q['pp']:>3} {q['ratio']:>7.3f} {q['cpu_ratio']:>7.3f}  {rounds}")
+        interval = "{:.3f}-{:.3f}".format(*q["interval"]) if q["interval"] else "-"
+        print(f"{name:<68} {q['pp']:>3} {q['ratio']:>7.3f} {q['cpu_ratio']:>7.3f} {interval:>13}  {rounds}")
     if any(q["paired"] for q in ratios):
         print("* measured in the same processes, steps alternating")
+    print("95% interval: the rounds resampled (bootstrap), with 3 rounds or more")
 
     result = {"config": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "seq": SEQ,
                          "global_batch": GLOBAL_BATCH, "microbatches": MICROBATCHES, "dtype": "float32",

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
+# A BaseException: callers (checkpoint.py) catch it by name, as dcp_io.CheckpointException.
+from torch.distributed.checkpoint.api import CheckpointException as CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,

@@ -79,8 +79,9 @@ class DistributedOptimizer:
                        for buffer in self.buffers]
         self._pieces = [piece for shard in self.shards for piece in shard.pieces]
         self._tied_halves = [p.grad for p in self._pieces if id(p.slot.param) in tied_ids]
-        self._counted = [p.grad for p in self._pieces
-                         if counts_in_norm(p.slot.param, layout.tp, id(p.slot.param) in tied_copy_ids)]
+        self._piece_grads = [p.grad for p in self._pieces]
+        self._counted = [counts_in_norm(p.slot.param, layout.tp, id(p.slot.param) in tied_copy_ids)
+                         for p in self._pieces]
         self._owned_grads = [owned.grad for shard in self.shards for owned in shard.ranges]
         self._norm_groups = [layout.tp, layout.pp] + ([dp] if config.zero1 else [])
         fp16 = any(buffer.dtype == torch.float16 for buffer in self.buffers)
@@ -118,7 +119,7 @@ class DistributedOptimizer:
         scale = self.loss_scale
         if scale != 1.0:
             torch._foreach_mul_(self._owned_grads, 1.0 / scale)
-        norm, found_inf = global_norm_and_overflow(self._counted, self._owned_grads, self._norm_groups)
+        norm, found_inf = global_norm_and_overflow(self._piece_grads, self._counted, self._norm_groups)
         if not found_inf:
             coefficient = clip_coefficient(norm, self.config.grad_clip)
             if coefficient < 1.0:
