@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from megatron_lite.parallel.spawn import RankFailure, run_on_ranks
 from megatron_lite.training.config import to_run_config
-from megatron_lite.training.launch import distributed_env, init_from_env
+from megatron_lite.training.launch import distributed_env, init_from_env, leave_process_group
 from megatron_lite.training.setup import check_run_config, resolve_data_parallel
 from megatron_lite.training.trainer import run_rank, train
 
@@ -36,6 +36,7 @@ def main(composed: DictConfig) -> None:
     if env:
         init_from_env(env)
         train(cfg, output_dir)
+        leave_process_group()
     elif cfg.world_size == 1:
         train(cfg, output_dir)
     else:

@@ -105,12 +105,7 @@ def test_fp32_gradients_accumulate_in_the_buffer_itself():
     of its own, no hook adding it in): afterwards each .grad is still its main_grad view, holding the
     same sum that plain torch accumulates in .grad."""
     layout = ParallelLayout.serial()
-    cfg = TINY_MODELS["gpt2"]
-    chunks = build_model_chunks(cfg, layout, SEED)
-    reference = build_model_chunks(cfg, layout, SEED)[0]
-    optimizer = build_optimizer(chunks, layout, OptimizerConfig())
-    tokens, targets = next(global_batches(cfg.vocab_size, steps=1))
-    optimizer.zero_grad()
+    chunks, optimizer, reference, tokens, targets = _model_with_optimizer_and_twin(layout)
     run_schedule(chunks, build_schedule("1f1b", 1, 3), tokens, targets, layout)
     for micro_tokens, micro_targets in zip(tokens.chunk(3), targets.chunk(3)):
         (reference.loss(reference(micro_tokens), micro_targets).mean() / 3).backward()
@@ -131,14 +126,19 @@ def test_gradients_summed_out_of_place_still_reach_the_buffer(dp):
             assert rel_err(got[name], expected[name]) < 1e-6, name
 
 
-def _out_of_place_grads(rank, world):
-    layout = ParallelLayout.from_mesh(ParallelSizes(dp=world))
+def _model_with_optimizer_and_twin(layout):
+    """The tiny GPT-2 under our optimizer (gradients zeroed), a plain twin with the same weights, a batch."""
     cfg = TINY_MODELS["gpt2"]
     chunks = build_model_chunks(cfg, layout, SEED)
-    reference = build_model_chunks(cfg, layout, SEED)[0]
     optimizer = build_optimizer(chunks, layout, OptimizerConfig())
-    tokens, targets = next(global_batches(cfg.vocab_size, steps=1))
     optimizer.zero_grad()
+    tokens, targets = next(global_batches(cfg.vocab_size, steps=1))
+    return chunks, optimizer, build_model_chunks(cfg, layout, SEED)[0], tokens, targets
+
+
+def _out_of_place_grads(rank, world):
+    layout = ParallelLayout.from_mesh(ParallelSizes(dp=world))
+    chunks, optimizer, reference, tokens, targets = _model_with_optimizer_and_twin(layout)
     for model in (chunks[0], reference):
         for create_graph in (False, True, False):
             model.loss(model(tokens), targets).mean().backward(create_graph=create_graph)

@@ -93,6 +93,14 @@ def init_from_env(env: DistributedEnv, timeout_s: float = 600.0) -> None:
                             world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def leave_process_group() -> None:
+    """End of a job that succeeded: tear the process group down before the interpreter exits, whose
+    finalisation otherwise races gloo's threads ("terminate called without an active exception",
+    which fails the SLURM step after the work is done)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def node_name(environ=os.environ) -> str:
     """The node this process runs on: SLURM's name for it (emulated nodes may share a hostname)."""
     return environ.get("SLURMD_NODENAME") or socket.gethostname()
