@@ -62,9 +62,10 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 
-def _adamw(params) -> torch.optim.Optimizer:
-    """torch AdamW; like ours, matrices and embeddings are decayed, biases and norm weights not."""
-    params = list(params)
+def torch_adamw(params) -> torch.optim.Optimizer:
+    """The peers' torch AdamW; like ours, matrices and embeddings are decayed, biases and norm weights
+    (every 1-D parameter) not."""
+    params = [p for p in params if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": WEIGHT_DECAY},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=LR)
@@ -182,7 +183,7 @@ def build_torch(rank: int, world: int) -> dict:
     _gpt2_init(stage_module)
     stage = PipelineStage(stage_module, rank, world, torch.device("cpu"))
     schedule = Schedule1F1B(stage, MICROBATCHES, loss_fn=_lm_loss)
-    optimizer = _adamw(stage_module.parameters())
+    optimizer = torch_adamw(stage_module.parameters())
     timer = optimizer.step = StepTimer(optimizer.step)
     tokens, targets = _batch()
 
@@ -242,7 +243,7 @@ def build_deepspeed(rank: int, world: int, tied: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=_adamw(model.parameters()), config=config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch_adamw(model.parameters()), config=config)
     tokens, targets = _batch()
     micro = GLOBAL_BATCH // MICROBATCHES
     microbatches = [(tokens[i:i + micro], targets[i:i + micro]) for i in range(0, GLOBAL_BATCH, micro)]

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import StepTimer, emit_result, library_version, pair_groups, run_group, summarize  # noqa: E402
 from pipeline_1f1b import (GLOBAL_BATCH, HEADS, HIDDEN, INIT_STD, LAYERS, LR, SEED, SEQ, VOCAB,  # noqa: E402
-                           WEIGHT_DECAY, _batch)
+                           WEIGHT_DECAY, _batch, torch_adamw)
 
 WORLD, MICRO_BATCH = 2, 8
 TP_MICROBATCHES = GLOBAL_BATCH // MICRO_BATCH  # TP=2, DP=1: accumulate over 2 micro batches of 8
@@ -82,14 +82,6 @@ def _gpt2_config():
 def _local_batch(dp_rank: int, dp_size: int):
     tokens, targets = _batch()
     return tokens.chunk(dp_size)[dp_rank], targets.chunk(dp_size)[dp_rank]
-
-
-def _torch_adamw(params) -> torch.optim.Optimizer:
-    """torch AdamW with our decay rule (matrices and embeddings decayed; 1-D parameters not)."""
-    params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": WEIGHT_DECAY},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=LR)
 
 
 # ----------------------------------------------------------------------------- ours
@@ -207,7 +199,7 @@ def build_megatron(rank: int, world: int) -> dict:
                                  params_dtype=torch.float32)
     torch.manual_seed(SEED)  # same full weights on every rank; each keeps its shard
     model = _megatron_gpt(config, world)
-    optimizer = _torch_adamw(model.parameters())
+    optimizer = torch_adamw(model.parameters())
     timer = optimizer.step = StepTimer(optimizer.step)
     tokens, targets = _batch()
     micro = [(tokens[i:i + MICRO_BATCH], targets[i:i + MICRO_BATCH]) for i in range(0, GLOBAL_BATCH, MICRO_BATCH)]
@@ -275,7 +267,7 @@ def build_dtensor(rank: int, world: int) -> dict:
         plan.update({f"layers.{i}.{name}": RowwiseParallel() for name in ("o_proj", "down_proj")})
     parallelize_module(model, mesh, plan)
     model.head.weight = model.word.weight  # parallelize_module replaced both; both are Shard(0): tie again
-    optimizer = _torch_adamw(model.parameters())
+    optimizer = torch_adamw(model.parameters())
     timer = optimizer.step = StepTimer(optimizer.step)
     tokens, targets = _batch()
     micro = [(tokens[i:i + MICRO_BATCH], targets[i:i + MICRO_BATCH]) for i in range(0, GLOBAL_BATCH, MICRO_BATCH)]

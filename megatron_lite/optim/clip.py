@@ -28,17 +28,17 @@ def counts_in_norm(param: torch.nn.Parameter, tp: CommGroup, is_tied_copy: bool)
     return tp.rank % holders == 0
 
 
-def global_norm_and_overflow(grads: list[torch.Tensor], counted: list[bool],
+def global_norm_and_overflow(grads: list[torch.Tensor], counted: torch.Tensor,
                              groups: list[CommGroup]) -> tuple[float, bool]:
-    """(L2 norm of the gradients flagged in `counted`, over all `groups`; whether any of `grads` on any
-    rank is inf or nan). One fused norm pass over the gradients serves both (a tensor's norm is inf
-    or nan exactly when an element is, ~25x cheaper on CPU than an element-wise isfinite scan), and
-    one 2-element all-reduce per group carries both."""
+    """(L2 norm of the gradients flagged in `counted`, a bool mask with one entry per gradient, over all
+    `groups`; whether any of `grads` on any rank is inf or nan). One fused norm pass over the
+    gradients serves both (a tensor's norm is inf or nan exactly when an element is, ~25x cheaper on
+    CPU than an element-wise isfinite scan), and one 2-element all-reduce per group carries both."""
     device = grads[0].device if grads else torch.device("cpu")
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     if grads:
         norms = torch.stack(torch._foreach_norm(grads)).double()
-        totals[0] = norms[torch.tensor(counted, device=device)].square().sum()
+        totals[0] = norms[counted].square().sum()
         totals[1] = (~torch.isfinite(norms)).sum()
     for group in groups:
         comm.all_reduce(totals, group)

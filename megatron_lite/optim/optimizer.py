@@ -80,8 +80,8 @@ class DistributedOptimizer:
         self._pieces = [piece for shard in self.shards for piece in shard.pieces]
         self._tied_halves = [p.grad for p in self._pieces if id(p.slot.param) in tied_ids]
         self._piece_grads = [p.grad for p in self._pieces]
-        self._counted = [counts_in_norm(p.slot.param, layout.tp, id(p.slot.param) in tied_copy_ids)
-                         for p in self._pieces]
+        self._counted = torch.tensor([counts_in_norm(p.slot.param, layout.tp, id(p.slot.param) in tied_copy_ids)
+                                      for p in self._pieces], dtype=torch.bool, device=layout.device)
         self._owned_grads = [owned.grad for shard in self.shards for owned in shard.ranges]
         self._norm_groups = [layout.tp, layout.pp] + ([dp] if config.zero1 else [])
         fp16 = any(buffer.dtype == torch.float16 for buffer in self.buffers)
