@@ -78,7 +78,7 @@ def build_ours(rank: int, world: int, tied: bool) -> dict:
     from megatron_lite.models.config import gpt2_config
     from megatron_lite.optim.optimizer import OptimizerConfig, build_optimizer
     from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
-    from megatron_lite.pipeline.partition import build_model_chunks
+    from megatron_lite.models.partition import build_model_chunks
     from megatron_lite.pipeline.schedules import build_schedule
     from megatron_lite.training.step import train_step
 

@@ -90,7 +90,7 @@ def _local_batch(dp_rank: int, dp_size: int):
 def build_ours(rank: int, world: int, tp: int, zero1: bool) -> dict:
     from megatron_lite.optim import OptimizerConfig, build_optimizer
     from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
-    from megatron_lite.pipeline.partition import build_model_chunks
+    from megatron_lite.models.partition import build_model_chunks
     from megatron_lite.pipeline.schedules import build_schedule
     from megatron_lite.training.step import train_step
 
@@ -116,7 +116,7 @@ def build_deepspeed(rank: int, world: int, stage: int) -> dict:
     from megatron_lite.optim import OptimizerConfig
     from megatron_lite.optim.deepspeed_backend import build_deepspeed_engine, deepspeed_train_step
     from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
-    from megatron_lite.pipeline.partition import build_model_chunks
+    from megatron_lite.models.partition import build_model_chunks
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated collective names
     layout = ParallelLayout.from_mesh(ParallelSizes(dp=world))

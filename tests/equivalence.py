@@ -12,8 +12,8 @@ from megatron_lite.models.transformer import WORD_EMBEDDING
 from megatron_lite.optim import OptimizerConfig, build_optimizer
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
-from megatron_lite.parallel.sharding import ShardSpec, gather_full, spec_of
-from megatron_lite.pipeline.partition import build_model_chunks, named_parameters
+from megatron_lite.parallel.sharding import ShardSpec, gather_full, spec_of, tp_shard
+from megatron_lite.models.partition import build_model_chunks, named_parameters
 from megatron_lite.pipeline.schedules import build_schedule
 from megatron_lite.training.step import run_schedule, train_step
 
@@ -128,18 +128,17 @@ def _full_logits(model, tokens, layout):
     with torch.no_grad():
         local = model(tokens)
     shape = tuple(local.shape[:-1]) + (model.cfg.vocab_size,)
-    spec = ShardSpec(full_shape=shape, dim=len(shape) - 1, num_chunks=layout.tp.size, chunk_index=layout.tp.rank,
-                     padded_size=local.shape[-1] * layout.tp.size)
+    spec = ShardSpec(full_shape=shape, shards=(tp_shard(len(shape) - 1, layout.tp, padded_size=local.shape[-1] * layout.tp.size),))
     return comm.all_gather(gather_full(local, spec, layout.tp), layout.dp, dim=0)
 
 
 def _full(chunks, layout, grads: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Full serial tensors of every parameter (or of its gradient, from `grads` by name), from all TP and
     PP ranks."""
-    tied_copies = {id(c.tied_embedding_weight()) for c in chunks if c.head is not None and c.embedding is None}
     mine = {}
     for name, param in named_parameters(chunks):
-        key = WORD_EMBEDDING + "@last_stage" if id(param) in tied_copies else name
+        tie = spec_of(param).tie
+        key = WORD_EMBEDDING + "@last_stage" if tie is not None and not tie.primary else name
         local = grads[name] if grads is not None else param.data
         mine[key] = gather_full(local, spec_of(param), layout.tp).clone()
     merged = {}

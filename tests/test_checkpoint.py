@@ -25,7 +25,7 @@ from megatron_lite.models.transformer import WORD_EMBEDDING
 from megatron_lite.optim import OptimizerConfig, build_optimizer
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
 from megatron_lite.parallel.spawn import RankFailure, run_on_ranks
-from megatron_lite.pipeline.partition import build_model_chunks
+from megatron_lite.models.partition import build_model_chunks
 from megatron_lite.pipeline.schedules import build_schedule
 from megatron_lite.training.step import train_step
 
@@ -66,9 +66,9 @@ def _local_state(chunks, optimizer) -> dict:
     params = optimizer.state_dict()["params"]
     out = {}
     for chunk in chunks:
-        copy = chunk.tied_embedding_weight() if chunk.head is not None and chunk.embedding is None else None
         for name, param in chunk.named_parameters():
-            key = WORD_EMBEDDING + "@last_stage" if param is copy else name
+            tie = param.shard_spec.tie
+            key = WORD_EMBEDDING + "@last_stage" if tie is not None and not tie.primary else name
             entry = params.get(name)
             out[key] = {"spec": param.shard_spec, "param": param.detach().clone(),
                         "range": entry["range"] if entry else None,
@@ -406,7 +406,7 @@ def test_dropout_streams_resume_exactly(tmp_path):
     states = []
     for _ in range(2):
         chunks, _ = fresh()
-        rng = ckpt_module._dropout_rngs(chunks)[0]
+        rng = next(iter(chunks[0].rng_streams().values()))
         initial = rng.replicated.get_state()
         assert ckpt_module._restore_rng(chunks, layout, None, SAVE_AT) is False
         assert not torch.equal(rng.replicated.get_state(), initial)

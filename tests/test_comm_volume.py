@@ -16,7 +16,7 @@ from equivalence import GLOBAL_BATCH, SEQ, SEED, TINY_MODELS, global_batches
 from megatron_lite.models.config import BuildOptions
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
 from megatron_lite.parallel.spawn import run_on_ranks
-from megatron_lite.pipeline.partition import build_model_chunks
+from megatron_lite.models.partition import build_model_chunks
 from megatron_lite.pipeline.schedules import build_schedule
 from megatron_lite.training.step import run_schedule
 

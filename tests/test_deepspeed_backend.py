@@ -22,8 +22,9 @@ from megatron_lite.parallel.spawn import run_on_ranks
 MICROBATCHES, GRAD_CLIP, TOL = 2, 0.5, 1e-5
 STAGES = (0, 1, 2)  # stage 0 (plain DP) is what benchmarks/tp_dp.py compares our DP with
 # bf16 weights: an fp32 master weight ~1e-7 away from ours can round to the neighbouring bf16 value (a
-# relative step of 2^-8 in that element), so weights and the losses they give agree less closely.
-BF16_TOL = {"loss": 1e-4, "grad_norm": 1e-4, "weights": 1e-3}
+# relative step of 2^-8 in that element), so weights and the losses they give agree less closely, and
+# so do the gradients of the next steps computed from them (deepspeed 0.19.8: 1.4e-4 in the norm).
+BF16_TOL = {"loss": 1e-4, "grad_norm": 1e-3, "weights": 1e-3}
 
 
 def _stages(bf16: bool) -> tuple[int, ...]:
@@ -48,7 +49,7 @@ def _worker(rank: int, world: int, tp: int, dp: int, cases: list[tuple[str, bool
     from megatron_lite.optim import build_optimizer
     from megatron_lite.optim.deepspeed_backend import (build_deepspeed_engine, deepspeed_step_stats,
                                                        deepspeed_train_step)
-    from megatron_lite.pipeline.partition import build_model_chunks
+    from megatron_lite.models.partition import build_model_chunks
     from megatron_lite.pipeline.schedules import build_schedule
     from megatron_lite.training.step import train_step
 
@@ -132,15 +133,13 @@ def test_deepspeed_zero_matches_native(tp, dp, cases):
 
 def _fake_layout(pp: int = 1) -> ParallelLayout:
     stats = CommStats()
-    single = lambda name: CommGroup.single(name, stats)  # noqa: E731
-    pp_group = CommGroup("pp", None, pp, 0, tuple(range(pp)), stats) if pp > 1 else single("pp")
-    return ParallelLayout(sizes=ParallelSizes(pp=pp), rank=0, tp=single("tp"), pp=pp_group, dp=single("dp"),
-                          stats=stats)
+    groups = {"pp": CommGroup("pp", None, pp, 0, tuple(range(pp)), stats)} if pp > 1 else {}
+    return ParallelLayout.from_groups(ParallelSizes(pp=pp), 0, stats, groups)
 
 
 def test_deepspeed_backend_rejects_what_it_cannot_do():
     from megatron_lite.optim.deepspeed_backend import check_supported
-    from megatron_lite.pipeline.partition import build_model_chunks
+    from megatron_lite.models.partition import build_model_chunks
 
     cfg = TINY_MODELS["gpt2"]
     chunks = build_model_chunks(cfg, ParallelLayout.serial(), SEED)

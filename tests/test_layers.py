@@ -8,7 +8,7 @@ from megatron_lite.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.layers.embedding import VocabParallelEmbedding, padded_vocab_size
 from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
-from megatron_lite.parallel.sharding import ShardSpec, gather_full, initialize_parameters, shard_of, spec_of
+from megatron_lite.parallel.sharding import ShardSpec, gather_full, initialize_parameters, shard_of, spec_of, tp_shard
 from megatron_lite.parallel.spawn import run_on_ranks
 
 SEED = 7
@@ -67,8 +67,7 @@ def _embedding_and_loss_case(rank, world, vocab):
     ids = torch.randint(0, vocab, (4, 9), generator=torch.Generator().manual_seed(3))
     out = embedding(ids)
     out.backward(_reference_inputs(out.shape, seed=4, requires_grad=False))
-    logits_spec = ShardSpec(full_shape=(4, 9, vocab), dim=2, num_chunks=world, chunk_index=rank,
-                            padded_size=padded_vocab_size(vocab, world))
+    logits_spec = ShardSpec(full_shape=(4, 9, vocab), shards=(tp_shard(2, tp, padded_size=padded_vocab_size(vocab, world)),))
     full_logits = _reference_inputs((4, 9, vocab), seed=5, requires_grad=False)
     local_logits = shard_of(full_logits, logits_spec).requires_grad_(True)
     loss = vocab_parallel_cross_entropy(local_logits, ids, tp, embedding.vocab_start, vocab)

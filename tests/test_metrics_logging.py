@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_lite.models.config import BuildOptions, gpt2_config, llama_config
-from megatron_lite.models.presets import model_preset
+from megatron_lite.training.config import model_preset
 from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.training.config import compose

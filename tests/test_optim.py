@@ -3,6 +3,8 @@ mixed precision (bf16 master weights, fp16 loss scaling) and the DP traffic of a
 
 import pytest
 import torch
+
+from megatron_lite.parallel.sharding import spec_of, tied
 from torch.autograd import Variable
 
 from equivalence import ADAM_EPS, FUNCTION_INVARIANT, LR, SEED, TINY_MODELS, Case, global_batches, rel_err
@@ -11,7 +13,7 @@ from megatron_lite.optim import OptimizerConfig, build_optimizer
 from megatron_lite.optim.buffers import ChunkBuffer
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
 from megatron_lite.parallel.spawn import run_on_ranks
-from megatron_lite.pipeline.partition import build_model_chunks, named_parameters
+from megatron_lite.models.partition import build_model_chunks, named_parameters
 from megatron_lite.pipeline.schedules import build_schedule
 from megatron_lite.training.step import run_schedule, train_step
 from test_equivalence import cached_serial, check_case
@@ -85,7 +87,8 @@ def test_buffer_layout_reverse_order_padding_and_views():
     named = list(chunk.named_parameters())
     before = {name: p.detach().clone() for name, p in named}
     embedding = chunk.embedding.word.weight
-    buffer = ChunkBuffer(chunk, 0, pad_multiple=3, max_bucket_numel=1000, alone=frozenset({id(embedding)}))
+    embedding.shard_spec = tied(spec_of(embedding), "embedding.word.weight", primary=True)  # as with pp > 1
+    buffer = ChunkBuffer(chunk, 0, {spec_of(embedding).data_parallel: 3}, max_bucket_numel=1000)
     assert [slot.name for slot in buffer.slots] == [name for name, _ in reversed(named)]
     for bucket in buffer.buckets:
         size = sum(slot.param.numel() for slot in bucket.slots)

@@ -3,7 +3,7 @@
 import pytest
 
 from equivalence import Case
-from megatron_lite.pipeline.partition import split_layers
+from megatron_lite.models.partition import split_layers
 from megatron_lite.parallel.spawn import run_on_ranks
 from megatron_lite.pipeline.schedules import build_schedule
 from test_equivalence import check_case
@@ -58,7 +58,7 @@ def _one_step_traffic(rank, world, m, schedule):
     from equivalence import SEED, TINY_MODELS, global_batches
     from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
     from megatron_lite.pipeline.executor import PipelineExecutor
-    from megatron_lite.pipeline.partition import build_model_chunks
+    from megatron_lite.models.partition import build_model_chunks
     from megatron_lite.training.step import split_microbatches
 
     layout = ParallelLayout.from_mesh(ParallelSizes(pp=world))

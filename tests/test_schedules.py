@@ -14,8 +14,8 @@ from megatron_lite.pipeline.schedules import (
     ActionKind,
     PipelinePlan,
     build_schedule,
-    check_layer_split,
 )
+from megatron_lite.models.partition import check_layer_split
 from megatron_lite.pipeline.simulate import (
     analytic_bubble_fraction,
     render_png,

@@ -54,7 +54,7 @@ def test_dropout_masks_follow_tp_regions(sequence_parallel):
 
 def _recomputed_dropout_grads(rank, world, recompute):
     from equivalence import global_batches
-    from megatron_lite.pipeline.partition import build_model_chunks
+    from megatron_lite.models.partition import build_model_chunks
     from megatron_lite.pipeline.schedules import build_schedule
     from megatron_lite.training.step import run_schedule
 

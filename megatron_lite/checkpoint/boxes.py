@@ -1,7 +1,7 @@
 """Where the tensors a rank holds sit inside the layout-independent tensors of a checkpoint.
 
 A checkpoint stores every parameter (and its optimizer state) as the full, unpadded serial tensor.
-A rank's local tensor is a rectangle of it: ShardSpec gives the sharded dim, the chunk and the padding
+A rank's local tensor is a rectangle of it: ShardSpec gives the cut dims, the chunks and the padding
 (the vocabulary is padded to a multiple of TP; padding rows are not part of the logical tensor).
 Under ZeRO-1 a rank holds elements [first, end) of its *flattened* local tensor, which is not a
 rectangle: it is cut here into at most 2*ndim - 1 boxes, each of them contiguous in memory (a partial
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.sharding import ShardSpec
 
 
@@ -65,10 +64,10 @@ def contiguous_boxes(first: int, end: int,
 def global_frame(spec: ShardSpec, local_shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
     """(global offset of the local tensor's origin, extent of its real (unpadded) part) per dim."""
     base, valid = [0] * len(local_shape), list(local_shape)
-    if spec.dim is not None:
-        size = local_shape[spec.dim]
-        base[spec.dim] = spec.chunk_index * size
-        valid[spec.dim] = max(0, min(size, spec.full_shape[spec.dim] - base[spec.dim]))
+    for shard in spec.shards:
+        size = local_shape[shard.dim]
+        base[shard.dim] = shard.chunk_index * size
+        valid[shard.dim] = max(0, min(size, spec.full_shape[shard.dim] - base[shard.dim]))
     return base, valid
 
 
@@ -91,12 +90,3 @@ def boxes_of(flat: torch.Tensor, first: int, end: int, spec: ShardSpec, local_sh
         else:
             out.append(Box(tuple(o + b for o, b in zip(offsets, base)), tuple(kept), view))
     return out
-
-
-def writes_chunk(spec: ShardSpec, tp: CommGroup) -> bool:
-    """Whether this TP rank writes its chunk: the first of the TP ranks holding the same chunk (all of
-    them for an evenly split tensor; rank 0 for a replicated one; one per group for KV heads
-    replicated when TP exceeds their number)."""
-    if tp.size % spec.num_chunks:
-        raise ValueError(f"{spec.num_chunks} chunks do not divide over {tp.size} TP ranks")
-    return tp.rank % (tp.size // spec.num_chunks) == 0

@@ -9,9 +9,11 @@ A checkpoint holds logical tensors, the same for every layout:
 and objects:
     meta                         step, layout, optimizer step count and loss scaler, format version
     extra                        the trainer's small state (scheduler, data position, config)
-    rng.tp<T>_pp<P>_dp<D>.rank<R>  torch's global RNG and the model's dropout generators of one rank
-`<name>` is the parameter's name in the serial model; the tied output embedding kept by the last
-pipeline stage is `embedding.word.weight` too (written by the first stage, read by both).
+    rng.tp<T>_pp<P>_dp<D>.rank<R>  torch's global RNG and the model stages' random streams of one rank
+`<name>` is the parameter's name in the serial model; the copies of a tied tensor (the output embedding
+kept by the last pipeline stage) use the tie's key, `embedding.word.weight` (written by the primary
+copy, read by both). Which rank writes a box follows from the placement alone
+(`sharding.holds_canonical_copy`).
 
 Saving: each rank writes the boxes of the logical tensors it holds (checkpoint/boxes.py); a box held
 by several ranks (TP-replicated tensors, KV heads replicated when TP exceeds their number, DP
@@ -41,13 +43,11 @@ from dataclasses import dataclass
 import torch
 
 from megatron_lite.checkpoint import dcp_io, store
-from megatron_lite.checkpoint.boxes import Box, boxes_of, writes_chunk
-from megatron_lite.models.transformer import WORD_EMBEDDING
+from megatron_lite.checkpoint.boxes import Box, boxes_of
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.layout import ParallelLayout
-from megatron_lite.parallel.random import DropoutRNG
-from megatron_lite.parallel.sharding import ShardSpec, seed_for, spec_of
+from megatron_lite.parallel.sharding import ShardSpec, holds_canonical_copy, spec_of
 
 FORMAT_VERSION = 1
 STATE_FIELDS = ("exp_avg", "exp_avg_sq")
@@ -67,21 +67,17 @@ class _Param:
     key: str  # in the checkpoint
     param: torch.nn.Parameter
     spec: ShardSpec
-    tied_copy: bool  # the last stage's copy of a tied embedding
 
 
 def _params(chunks) -> list[_Param]:
     out = []
     for chunk in chunks:
-        twin = chunk.tied_embedding_weight()
-        copy = twin if twin is not None and chunk.head is not None and chunk.embedding is None else None
         for name, param in chunk.named_parameters():
             spec = spec_of(param)
             if tuple(param.shape) != spec.local_shape:
                 raise ValueError(f"{name}: local shape {tuple(param.shape)} does not match its ShardSpec "
                                  f"{spec.local_shape}")
-            is_copy = param is copy
-            out.append(_Param(name, WORD_EMBEDDING if is_copy else name, param, spec, is_copy))
+            out.append(_Param(name, spec.tie.key if spec.tie is not None else name, param, spec))
     return out
 
 
@@ -92,9 +88,7 @@ def _flat(param: torch.Tensor) -> torch.Tensor:
 
 
 def _world(layout: ParallelLayout) -> CommGroup:
-    if layout.world_size == 1:
-        return CommGroup.single("world", layout.stats)
-    return CommGroup("world", None, layout.world_size, layout.rank, tuple(range(layout.world_size)), layout.stats)
+    return layout.group("world")
 
 
 def _rng_key(layout: ParallelLayout) -> str:
@@ -102,41 +96,32 @@ def _rng_key(layout: ParallelLayout) -> str:
     return f"rng.tp{s.tp}_pp{s.pp}_dp{s.dp}.rank{layout.rank}"
 
 
-def _dropout_rngs(chunks) -> list[DropoutRNG]:
-    seen, out = set(), []
+def _rng_streams(chunks) -> dict:
+    streams = {}
     for chunk in chunks:
-        for module in chunk.modules():
-            rng = getattr(getattr(module, "ctx", None), "rng", None)
-            if isinstance(rng, DropoutRNG) and id(rng) not in seen:
-                seen.add(id(rng))
-                out.append(rng)
-    return out
-
-
-def _stages(chunks) -> list[list[str]]:
-    return [list(chunk.layers.keys()) for chunk in chunks]
+        streams.update(chunk.rng_streams())
+    return streams
 
 
 def _rng_state(chunks, layout: ParallelLayout) -> dict:
-    state = {"torch": torch.get_rng_state(), "dropout": [rng.get_state() for rng in _dropout_rngs(chunks)],
-             "stages": _stages(chunks)}
+    state = {"torch": torch.get_rng_state(),
+             "streams": {name: rng.get_state() for name, rng in _rng_streams(chunks).items()}}
     if layout.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(layout.device)
     return state
 
 
 def _restore_rng(chunks, layout: ParallelLayout, saved: dict | None, step: int) -> bool:
-    rngs = _dropout_rngs(chunks)
-    if saved is not None and saved["stages"] == _stages(chunks) and len(saved["dropout"]) == len(rngs):
+    streams = _rng_streams(chunks)
+    if saved is not None and set(saved.get("streams", {})) == set(streams):
         torch.set_rng_state(saved["torch"])
         if "cuda" in saved and layout.device.type == "cuda":
             torch.cuda.set_rng_state(saved["cuda"], layout.device)
-        for rng, state in zip(rngs, saved["dropout"]):
-            rng.set_state(state)
+        for name, rng in streams.items():
+            rng.set_state(saved["streams"][name])
         return True
-    for rng in rngs:
-        for generator in (rng.replicated, rng.tensor_parallel):
-            generator.manual_seed(seed_for(generator.initial_seed(), f"resume/{step}"))
+    for rng in streams.values():
+        rng.reseed(f"resume/{step}")
     return False
 
 
@@ -149,7 +134,7 @@ def _quiet_single_process():
 
 
 def _zero_sharded(optimizer, layout: ParallelLayout) -> bool:
-    return optimizer is not None and optimizer.config.zero1 and layout.dp.size > 1
+    return optimizer is not None and optimizer.config.zero1
 
 
 # ----------------------------------------------------------------------------- save
@@ -163,14 +148,13 @@ def _boxes_to_save(chunks, optimizer, layout: ParallelLayout) -> dict[str, tuple
 
     opt = optimizer.state_dict()["params"] if optimizer is not None else {}
     zero = _zero_sharded(optimizer, layout)
+    coordinates = layout.coordinates
     for p in _params(chunks):
-        if p.tied_copy or not writes_chunk(p.spec, layout.tp):
-            continue
+        partitioned = zero and p.param.requires_grad
+        if not holds_canonical_copy(p.spec, coordinates, layout.sizes, partitioned):
+            continue  # another rank holds the same values and writes them
         entry = opt.get(p.name)
-        if zero and p.param.requires_grad:
-            if entry is None:  # outside this DP rank's ZeRO-1 shard: another DP rank writes it
-                continue
-        elif layout.dp.rank != 0:  # a DP replica: DP rank 0 writes it
+        if partitioned and entry is None:  # outside this rank's ZeRO-1 shard: another rank writes it
             continue
         first, end = entry["range"] if entry is not None else (0, p.param.numel())
         shape, local = p.spec.full_shape, tuple(p.param.shape)

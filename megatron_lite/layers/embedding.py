@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from megatron_lite.layers.regions import leave_tp_region
 from megatron_lite.parallel.comm import CommGroup
-from megatron_lite.parallel.sharding import ShardSpec, make_param
+from megatron_lite.parallel.sharding import ShardSpec, make_param, tp_shard
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 1) -> int:
@@ -19,9 +19,8 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 1) -> int:
 def vocab_shard_spec(vocab_size: int, hidden_size: int, tp: CommGroup, *, pad_multiple: int = 1,
                      std: float = 0.02, init_name: str | None = None) -> ShardSpec:
     """A [vocab, hidden] table split by rows over TP after padding the vocabulary (embedding or head)."""
-    return ShardSpec(full_shape=(vocab_size, hidden_size), dim=0, num_chunks=tp.size, chunk_index=tp.rank,
-                     padded_size=padded_vocab_size(vocab_size, tp.size, pad_multiple), std=std,
-                     init_name=init_name)
+    shard = tp_shard(0, tp, padded_size=padded_vocab_size(vocab_size, tp.size, pad_multiple))
+    return ShardSpec(full_shape=(vocab_size, hidden_size), shards=(shard,), std=std, init_name=init_name)
 
 
 class VocabParallelEmbedding(torch.nn.Module):

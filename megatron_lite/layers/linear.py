@@ -32,8 +32,9 @@ class ColumnParallelLinear(torch.nn.Module):
                  dtype=torch.float32, device=None):
         super().__init__()
         chunks = num_chunks or tp.size
-        if out_features % chunks or tp.size % chunks and chunks % tp.size:
-            raise ValueError(f"out_features={out_features} cannot be split into {chunks} pieces over tp={tp.size}")
+        if out_features % chunks or chunks > tp.size or tp.size % chunks:
+            raise ValueError(f"out_features={out_features} cannot be split into {chunks} pieces over tp={tp.size}: "
+                             "the pieces must divide both the features and the TP size")
         self.tp, self.enter_region, self.gather_output = tp, enter_region, gather_output
         self.sequence_parallel = sequence_parallel
         self.weight = make_param(column_spec((out_features, in_features), tp, chunks, std=std), dtype, device)
@@ -102,7 +103,7 @@ class RowParallelLinear(torch.nn.Module):
         self.tp, self.input_is_parallel, self.sequence_parallel = tp, input_is_parallel, sequence_parallel
         self.weight = make_param(row_spec((out_features, in_features), tp, std=std), dtype, device)
         self.bias = (
-            make_param(replicated_spec((out_features,), init="zeros", grad_sum_over_tp=sequence_parallel), dtype, device)
+            make_param(replicated_spec((out_features,), partial_over_tp=sequence_parallel, init="zeros"), dtype, device)
             if bias else None
         )
 

@@ -22,7 +22,7 @@ from megatron_lite.models.config import BuildOptions, ModelConfig
 from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.parallel.random import DropoutRNG, dropout
-from megatron_lite.parallel.sharding import initialize_parameters, make_param, replicated_spec
+from megatron_lite.parallel.sharding import initialize_parameters, make_param, replicated_spec, spec_of, tied
 
 WORD_EMBEDDING = "embedding.word.weight"
 
@@ -53,9 +53,9 @@ class Norm(torch.nn.Module):
         cfg = ctx.cfg
         self.kind, self.eps = cfg.norm, cfg.norm_eps
         shape, partial = (cfg.hidden_size,), ctx.sequence_parallel
-        self.weight = make_param(replicated_spec(shape, init="ones", grad_sum_over_tp=partial))
+        self.weight = make_param(replicated_spec(shape, partial_over_tp=partial, init="ones"))
         with_bias = cfg.norm == "layernorm" and cfg.bias
-        self.bias = make_param(replicated_spec(shape, init="zeros", grad_sum_over_tp=partial)) if with_bias else None
+        self.bias = make_param(replicated_spec(shape, partial_over_tp=partial, init="zeros")) if with_bias else None
 
     def forward(self, x):
         if self.kind == "rmsnorm":
@@ -180,8 +180,8 @@ class Embedding(torch.nn.Module):
         self.word = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx.tp, pad_multiple=cfg.vocab_pad_multiple,
                                            std=cfg.init_std, sequence_parallel=ctx.sequence_parallel)
         self.position = (
-            make_param(replicated_spec((cfg.max_seq_len, cfg.hidden_size), std=cfg.init_std,
-                                       grad_sum_over_tp=ctx.sequence_parallel))
+            make_param(replicated_spec((cfg.max_seq_len, cfg.hidden_size), partial_over_tp=ctx.sequence_parallel,
+                                       std=cfg.init_std))
             if cfg.position == "learned" else None
         )
 
@@ -208,8 +208,8 @@ class LMHead(torch.nn.Module):
         if tied_to is None:
             # Untied, or a tied copy on the last pipeline stage that starts from the embedding's values.
             spec = vocab_shard_spec(cfg.vocab_size, cfg.hidden_size, tp, pad_multiple=cfg.vocab_pad_multiple,
-                                    std=cfg.init_std, init_name=WORD_EMBEDDING if tied_copy else None)
-            self.weight = make_param(spec)
+                                    std=cfg.init_std)
+            self.weight = make_param(tied(spec, WORD_EMBEDDING, primary=False) if tied_copy else spec)
         self.vocab_start = tp.rank * vocab_shard_spec(cfg.vocab_size, cfg.hidden_size, tp,
                                                       pad_multiple=cfg.vocab_pad_multiple).local_shape[0]
 
@@ -236,6 +236,11 @@ class TransformerStage(torch.nn.Module):
         stream = f"layers{layer_ids[0] if layer_ids else 'none'}"
         ctx = StageContext(cfg, layout.tp, options, DropoutRNG(seed, layout, stream))
         self.embedding = Embedding(ctx) if first else None
+        if first and not last and cfg.tie_embeddings:  # the head's copy lives on another stage
+            word = self.embedding.word.weight
+            word.shard_spec = tied(spec_of(word), WORD_EMBEDDING, primary=True)
+        self.rng = ctx.rng
+        self.layer_ids = layer_ids
         self.layers = torch.nn.ModuleDict({str(i): TransformerLayer(ctx) for i in layer_ids})
         self.head = None
         if last:
@@ -260,12 +265,18 @@ class TransformerStage(torch.nn.Module):
             seq_length //= tp
         return (micro_batch, seq_length, self.cfg.hidden_size)
 
-    def tied_embedding_weight(self) -> torch.nn.Parameter | None:
-        """The half of a tied input/output embedding that lives apart from the other half (pipeline
-        ends): its gradient is summed with its twin's. None when untied or both halves are here."""
-        if not self.cfg.tie_embeddings or (self.embedding is None) == (self.head is None):
-            return None
-        return self.embedding.word.weight if self.embedding is not None else self.head.weight
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.options.dtype
+
+    def rng_streams(self) -> dict[str, DropoutRNG]:
+        """The stage's random generators by a name that says where they draw (layers, pp/dp/tp position):
+        a checkpoint restores them only into a stage of the same name."""
+        return {f"{self.rng.name}/layers{','.join(map(str, self.layer_ids))}": self.rng}
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Extra loss terms of the last forward (none in a dense transformer)."""
+        return None
 
     def loss(self, local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy [b, s], computed without gathering the vocabulary."""

@@ -7,11 +7,13 @@ goes on. Every parameter's `.data` becomes a view into `param_data` (model dtype
 without rounding). One collective per bucket then moves many small gradients at once, and ZeRO-1
 shards ranges of a buffer rather than whole parameters.
 
-Each bucket is padded with zeros (which stay zero: no gradient reaches them, so Adam never moves them)
-to a multiple of the DP size, so that it splits into DP equal shards; DP rank r owns shard r of every
-bucket (Megatron's distributed-optimizer layout). Buffers have the same layout on every TP and DP rank
-of a pipeline stage (same parameters, same local shapes), so "the same range" means the same elements
-of the same parameter on all of them.
+Every bucket holds parameters averaged over one data-parallel group (their placement's "avg" reduction:
+`dp_cp` for dense parameters, `edp_cp` for experts), which its collective runs over. Each bucket is
+padded with zeros (which stay zero: no gradient reaches them, so Adam never moves them) to a multiple of
+that group's size, so that it splits into equal shards; rank r of the group owns shard r of every such
+bucket (Megatron's distributed-optimizer layout). Buffers have the same layout on every rank of a
+pipeline stage (same parameters, same local shapes), so "the same range" means the same elements of the
+same parameter on all of them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from megatron_lite.parallel.sharding import spec_of
 
 FP32_BYTES = 4
 
@@ -39,12 +43,13 @@ class ParamSlot:
 
 @dataclass(eq=False)
 class Bucket:
-    """A contiguous range of a chunk's buffers, reduced over DP by one collective."""
+    """A contiguous range of a chunk's buffers, reduced over its data-parallel group by one collective."""
 
     index: int
     start: int
-    end: int  # exclusive; end - start is a multiple of the DP size (zero padding at the end)
+    end: int  # exclusive; end - start is a multiple of the group's size (zero padding at the end)
     slots: list[ParamSlot]
+    group: str  # the layout group the bucket is averaged over
 
     @property
     def numel(self) -> int:
@@ -64,14 +69,14 @@ def bucket_numel(bucket_size_mb: float) -> int:
 class ChunkBuffer:
     """The parameter and fp32 gradient buffers of one model chunk, and their buckets.
 
-    A bucket closes once it holds at least `bucket_numel` elements. Parameters in `alone` (the halves of
-    a tied embedding split over the pipeline ends) get a bucket of their own: then the bucket, and so
-    every DP shard of it, has the same layout on the first and the last stage, and their gradients can
-    be summed shard by shard after a ZeRO-1 reduce-scatter.
+    A bucket closes once it holds at least `bucket_numel` elements, or when the next parameter is
+    averaged over another group. Copies of a tied tensor (split over the pipeline ends) get a bucket of
+    their own: then the bucket, and so every shard of it, has the same layout on both stages, and
+    their gradients can be summed shard by shard after a ZeRO-1 reduce-scatter.
+    `group_sizes`: the size of each data-parallel group named by a placement.
     """
 
-    def __init__(self, chunk: torch.nn.Module, index: int, pad_multiple: int, max_bucket_numel: int,
-                 alone: frozenset[int] = frozenset()):
+    def __init__(self, chunk: torch.nn.Module, index: int, group_sizes: dict[str, int], max_bucket_numel: int):
         self.index = index
         named = [(name, p) for name, p in chunk.named_parameters() if p.requires_grad]
         dtypes = {p.dtype for _, p in named}
@@ -80,7 +85,7 @@ class ChunkBuffer:
                              "buffer per chunk needs a single dtype")
         self.dtype = dtypes.pop() if dtypes else torch.float32
         device = named[0][1].device if named else torch.device("cpu")
-        self.slots, self.buckets = _assign(named[::-1], pad_multiple, max_bucket_numel, alone)
+        self.slots, self.buckets = _assign(named[::-1], group_sizes, max_bucket_numel)
         self.numel = self.buckets[-1].end if self.buckets else 0
         self.param_data = torch.zeros(self.numel, dtype=self.dtype, device=device)
         self.grad_data = torch.zeros(self.numel, dtype=torch.float32, device=device)
@@ -98,27 +103,33 @@ class ChunkBuffer:
                 for slot in self.slots if slot.start < hi and lo < slot.end]
 
 
-def _assign(named, pad_multiple: int, max_bucket_numel: int, alone: frozenset[int]):
+def _assign(named, group_sizes: dict[str, int], max_bucket_numel: int):
     slots: list[ParamSlot] = []
     buckets: list[Bucket] = []
     members: list[ParamSlot] = []
     start = offset = 0
+    group = None
 
     def close():
         nonlocal members, start, offset
         if members:
-            end = start + -(-(offset - start) // pad_multiple) * pad_multiple
-            buckets.append(Bucket(len(buckets), start, end, members))
+            multiple = group_sizes[group]
+            end = start + -(-(offset - start) // multiple) * multiple
+            buckets.append(Bucket(len(buckets), start, end, members, group))
             members, start, offset = [], end, end
 
     for name, param in named:
-        if id(param) in alone:
+        spec = spec_of(param)
+        alone = spec.tie is not None
+        if alone or spec.data_parallel != group:
             close()
-        slot = ParamSlot(name, param, offset, len(buckets))
-        slots.append(slot)
-        members.append(slot)
+        group = spec.data_parallel
+        if group not in group_sizes:
+            raise ValueError(f"{name}: its gradient is averaged over {group!r}, which is no group of the layout")
+        slots.append(ParamSlot(name, param, offset, len(buckets)))
+        members.append(slots[-1])
         offset += param.numel()
-        if id(param) in alone or offset - start >= max_bucket_numel:
+        if alone or offset - start >= max_bucket_numel:
             close()
     close()
     return slots, buckets

@@ -1,13 +1,12 @@
-"""The global gradient norm over every TP, PP (and, with ZeRO-1, DP) rank, each parameter counted once.
+"""The global gradient norm over every rank of the job, each parameter's values counted once.
 
-Several ranks can hold the same gradient values, and the norm must equal the serial model's:
-- a parameter replicated over TP (norm weights, row-parallel biases, position embeddings) is counted
-  on TP rank 0 only;
-- KV-head chunks replicated over TP (fewer chunks than TP ranks) once per chunk, on the first of the
-  ranks that hold it;
-- the tied embedding's copy on the last pipeline stage not at all (its twin on the first stage is);
-- with ZeRO-1 each DP rank holds a disjoint shard, so shards are summed over DP; without it every DP
-  rank holds the same full gradients and the DP sum is skipped.
+Several ranks can hold the same gradient values, and the norm must equal the serial model's. Which
+rank counts a piece follows from its placement alone (`sharding.holds_canonical_copy`): the first of
+the ranks that hold the same values along every axis it is replicated over (TP for norm weights and
+row-parallel biases, the TP block of a replicated KV-head chunk, the data-parallel ranks without
+ZeRO-1), every rank along the axes it is cut over (TP slices, experts over EP, ZeRO-1 shards over its
+data-parallel group), and a tied tensor on its primary copy only. The sum runs over the axes along which
+counted pieces differ (`norm_groups`); along the others every replica holds the whole sum.
 Vocabulary padding rows have zero gradients and change nothing.
 """
 
@@ -17,15 +16,23 @@ import torch
 
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.comm import CommGroup
-from megatron_lite.parallel.sharding import spec_of
+from megatron_lite.parallel.layout import ParallelLayout
+from megatron_lite.parallel.sharding import holds_canonical_copy, spec_of
 
 
-def counts_in_norm(param: torch.nn.Parameter, tp: CommGroup, is_tied_copy: bool) -> bool:
-    if is_tied_copy:
-        return False
-    spec = spec_of(param)
-    holders = tp.size if spec.dim is None else tp.size // spec.num_chunks  # TP ranks with the same values
-    return tp.rank % holders == 0
+def norm_axes(partitioned: bool) -> tuple[str, ...]:
+    """The axes the norm is summed over (besides the pipeline stages): TP and EP (cuts), and with ZeRO-1
+    the data-parallel ones (each rank its own shard). Replicas along other axes each count their own."""
+    return ("edp", "ep", "cp", "tp") if partitioned else ("ep", "tp")
+
+
+def norm_groups(layout: ParallelLayout, partitioned: bool) -> list[CommGroup]:
+    return [layout.group(name) for name in ("tp", "pp", "dp_cp" if partitioned else "ep")]
+
+
+def counts_in_norm(param: torch.nn.Parameter, layout: ParallelLayout, partitioned: bool) -> bool:
+    """partitioned: ZeRO-1, each rank of the parameter's data-parallel group holds another part."""
+    return holds_canonical_copy(spec_of(param), layout.coordinates, layout.sizes, partitioned, norm_axes(partitioned))
 
 
 def global_norm_and_overflow(grads: list[torch.Tensor], counted: torch.Tensor,

@@ -11,8 +11,8 @@ AdamW. What it cannot know about the framework is supplied here:
   other TP ranks only when it has `tensor_model_parallel=True`. That attribute is set to our own rule
   (`clip.counts_in_norm`): TP-split parameters on every rank, replicated ones on rank 0 only, and KV
   heads replicated over TP (TP > KV heads) once per chunk.
-- Partial TP gradients (ShardSpec.grad_sum_over_tp: KV heads replicated over TP, sequence-parallel norm
-  weights): a gradient hook sums them over the TP ranks that hold the same chunk, per microbatch, before
+- Partial TP gradients (a "sum" reduction in the placement: KV heads replicated over TP, sequence-parallel
+  norm weights): a gradient hook sums them over the TP ranks that hold the same chunk, per microbatch, before
   DeepSpeed accumulates or reduces them (a sum, so it commutes with accumulation and the DP average).
 - Weight decay: two parameter groups with our rule (`adamw.uses_weight_decay`: none for 1-D params).
 - Tied input/output embeddings: with PP = 1 the head uses the embedding's tensor itself; nothing to do.
@@ -44,7 +44,7 @@ from megatron_lite.parallel import comm
 from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.parallel.sharding import spec_of
-from megatron_lite.training.step import split_microbatches
+from megatron_lite.data.microbatches import split_microbatches
 
 ZERO_STAGES = (0, 1, 2)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -176,15 +176,15 @@ def check_supported(chunks: list[torch.nn.Module], layout: ParallelLayout, zero_
                          "use zero_stage 1 or 2 with bf16")
 
 
-def _sum_partial_grad_hook(param: torch.nn.Parameter, tp: CommGroup):
-    """Gradient hook: sum this partial gradient over the TP ranks holding the same chunk. One all-reduce
-    over the whole TP group; each rank writes its gradient into its chunk's row, zeros elsewhere."""
-    spec = spec_of(param)
+def _sum_partial_grad_hook(groups: list[CommGroup]):
+    """Gradient hook: sum this partial gradient over the groups of its placement's "sum" reductions
+    (the TP ranks holding the same chunk)."""
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        rows = grad.new_zeros((spec.num_chunks,) + tuple(grad.shape))
-        rows[spec.chunk_index] = grad
-        return comm.all_reduce(rows, tp)[spec.chunk_index]
+        grad = grad.contiguous()
+        for group in groups:
+            comm.all_reduce(grad, group)
+        return grad
 
     return hook
 
@@ -192,13 +192,16 @@ def _sum_partial_grad_hook(param: torch.nn.Parameter, tp: CommGroup):
 def prepare_parameters(model: torch.nn.Module, layout: ParallelLayout) -> list:
     """Mark parameters for DeepSpeed's norm (counted on this TP rank or not) and hook the partial TP
     gradients. Returns the hook handles."""
-    tp, handles = layout.tp, []
+    handles = []
     for param in model.parameters():
-        # DeepSpeed counts a parameter if TP rank == 0 or this attribute is set; on TP rank 0 our rule
-        # counts every parameter (without PP there is no tied copy), so the two rules agree.
-        param.tensor_model_parallel = counts_in_norm(param, tp, is_tied_copy=False)
-        if spec_of(param).grad_sum_over_tp and tp.size > 1:
-            handles.append(param.register_hook(_sum_partial_grad_hook(param, tp)))
+        # DeepSpeed counts a parameter if TP rank == 0 or this attribute is set, and handles DP itself
+        # (partitioned); on TP rank 0 our rule counts every parameter (without PP there is no tied
+        # copy), so the two rules agree.
+        param.tensor_model_parallel = counts_in_norm(param, layout, partitioned=True)
+        groups = [layout.group(name) for name in spec_of(param).partial_sums]
+        groups = [g for g in groups if g.size > 1]
+        if groups:
+            handles.append(param.register_hook(_sum_partial_grad_hook(groups)))
     return handles
 
 

@@ -1,14 +1,15 @@
-"""Make every gradient final after the backward passes of a step.
+"""Make every gradient final after the backward passes of a step, as each parameter's placement says.
 
-1. Data parallelism: each chunk's fp32 gradient buffer is averaged over DP bucket by bucket, an
-   all-reduce (or, for ZeRO-1, a reduce-scatter leaving each rank its shard), started as soon as the
-   bucket's gradients are final during the last microbatch's backward and waited for at the end.
-2. Partial gradients over TP (replicated KV heads, sequence-parallel norms): summed over the TP ranks
-   that hold the same chunk.
-3. Tied input/output embeddings split over the pipeline ends: their two gradients summed.
+1. The "avg" reduction (data parallelism): each chunk's fp32 gradient buffer is averaged bucket by
+   bucket over the bucket's group (`dp_cp` for dense parameters, `edp_cp` for experts), an all-reduce
+   (or, for ZeRO-1, a reduce-scatter leaving each rank its shard), started as soon as the bucket's
+   gradients are final during the last microbatch's backward and waited for at the end.
+2. The "sum" reductions: partial gradients over TP (replicated KV heads: over the TP ranks holding the
+   same chunk; sequence-parallel norms: over all of TP) and the copies of a tied embedding on the
+   pipeline ends, summed over their group.
 
-2 and 3 are sums, so they commute with the DP average and run after it, on the elements this rank
-holds reduced (everything, or its ZeRO-1 shard), which keeps them out of the backward critical path.
+2 commutes with the average and runs after it, on the elements this rank holds reduced (everything,
+or its ZeRO-1 shard), which keeps it out of the backward critical path.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from megatron_lite.optim.buffers import ChunkBuffer, ParamSlot
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.comm import CommGroup
-from megatron_lite.parallel.sharding import spec_of
+from megatron_lite.parallel.sharding import ShardSpec
 
 
 class BucketedGradSync:
@@ -35,8 +36,9 @@ class BucketedGradSync:
     non-overlapped path) and waits for all of them.
     """
 
-    def __init__(self, buffers: list[ChunkBuffer], dp: CommGroup, reduce_scatter: bool):
-        self.buffers, self.dp, self.reduce_scatter = buffers, dp, reduce_scatter
+    def __init__(self, buffers: list[ChunkBuffer], groups: dict[str, CommGroup], reduce_scatter: bool):
+        """groups: the data-parallel group of every bucket, by name."""
+        self.buffers, self.groups, self.reduce_scatter = buffers, groups, reduce_scatter
         self.launch_order: list[tuple[int, int]] = []  # (chunk, bucket) as started this step
         self._in_last_backward = [False] * len(buffers)
         self._missing: list[list[int]] = []  # per chunk, per bucket: parameters not yet final
@@ -44,7 +46,8 @@ class BucketedGradSync:
         self._hooks, self._unhooked = [], []  # a hook costs a Python call per parameter and microbatch
         for buffer in buffers:
             for slot in buffer.slots:
-                if dp.size > 1 or not _accumulates_in_place(slot.param):
+                reduced = groups[buffer.buckets[slot.bucket].group].size > 1
+                if reduced or not _accumulates_in_place(slot.param):
                     self._hooks.append(slot.param.register_post_accumulate_grad_hook(self._hook(buffer.index, slot)))
                 else:
                     self._unhooked.append(slot.param)
@@ -83,7 +86,7 @@ class BucketedGradSync:
         bucket = self.buffers[chunk].buckets[index]
         grads = self.buffers[chunk].grad_data[bucket.start:bucket.end]
         start = comm.reduce_scatter_async if self.reduce_scatter else comm.all_reduce_async
-        self._pending[key] = start(grads, self.dp, op="avg")
+        self._pending[key] = start(grads, self.groups[bucket.group], op="avg")
         self.launch_order.append(key)
 
     def finish(self) -> None:
@@ -97,8 +100,10 @@ class BucketedGradSync:
                     self._launch(buffer.index, bucket.index)
         for (chunk, index), pending in self._pending.items():
             result = pending.wait()
-            if self.reduce_scatter and self.dp.size > 1:
-                lo, hi = self.buffers[chunk].buckets[index].shard(self.dp.rank, self.dp.size)
+            bucket = self.buffers[chunk].buckets[index]
+            group = self.groups[bucket.group]
+            if self.reduce_scatter and group.size > 1:
+                lo, hi = bucket.shard(group.rank, group.size)
                 self.buffers[chunk].grad_data[lo:hi].copy_(result)
         self._pending = {}
 
@@ -123,36 +128,30 @@ def _settle_in_main_grad(param: torch.nn.Parameter) -> None:
         param.grad = None
 
 
-def sum_partial_tp_grads(pieces: list[tuple[ParamSlot, torch.Tensor]], tp: CommGroup) -> None:
-    """Sum gradients that each TP rank only holds a part of, over the ranks sharing the same chunk.
+def sum_partial_grads(pieces: list[tuple[str, ShardSpec, torch.Tensor]], group_of) -> None:
+    """Apply every "sum" reduction: `pieces` are (name, placement, gradient elements this rank holds
+    reduced), listed in the same order on every rank of a stage; `group_of(name)` gives a layout group.
 
-    `pieces`: (slot, gradient elements this rank holds reduced), in the same order on every TP rank.
-    One all-reduce over the whole TP group serves every replica subgroup: each rank writes its piece
-    into the slot of its chunk, zeros elsewhere, so the sum in a slot runs over exactly the ranks that
-    hold that chunk.
+    One all-reduce per group over the concatenated pieces. Groups run in the order of their names on
+    every rank, so two ranks that share several groups meet in them in the same order. Copies of one
+    tied tensor on this rank (pp=1 with several chunks) are summed locally first.
     """
-    partial = [(spec_of(slot.param), grad) for slot, grad in pieces if spec_of(slot.param).grad_sum_over_tp]
-    if tp.size == 1 or not partial:
-        return
-    slots = [grad.new_zeros((spec.num_chunks, grad.numel())) for spec, grad in partial]
-    for (spec, grad), slot in zip(partial, slots):
-        slot[spec.chunk_index] = grad.view(-1)
-    flat = comm.all_reduce(torch.cat([s.view(-1) for s in slots]), tp)
-    offset = 0
-    for (spec, grad), slot in zip(partial, slots):
-        grad.view(-1).copy_(flat[offset:offset + slot.numel()].view_as(slot)[spec.chunk_index])
-        offset += slot.numel()
-
-
-def sum_tied_embedding_grads(halves: list[torch.Tensor], embedding: CommGroup) -> None:
-    """First and last pipeline stage each hold a copy of a tied embedding: both get the sum.
-
-    `halves`: the reduced gradient elements of the copies on this rank (one, or two when a rank holds
-    both ends); each copy has a bucket of its own, so the elements match across the two stages.
-    """
-    if len(halves) == 1:
-        comm.all_reduce(halves[0], embedding)
-    elif halves:
-        total = comm.all_reduce(torch.stack(halves).sum(0), embedding)
-        for grad in halves:
-            grad.copy_(total)
+    by_group: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for name, spec, grad in pieces:
+        key = spec.tie.key if spec.tie is not None else name
+        for group in spec.partial_sums:
+            by_group.setdefault(group, {}).setdefault(key, []).append(grad)
+    for group_name in sorted(by_group):
+        group = group_of(group_name)
+        entries = list(by_group[group_name].values())
+        if group.size == 1 and all(len(grads) == 1 for grads in entries):
+            continue
+        flat = torch.cat([(grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)).reshape(-1)
+                          for grads in entries])
+        comm.all_reduce(flat, group)
+        offset = 0
+        for grads in entries:
+            numel = grads[0].numel()
+            for grad in grads:
+                grad.view(-1).copy_(flat[offset:offset + numel])
+            offset += numel

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_lite.optim.buffers import ChunkBuffer, bucket_numel
-from megatron_lite.optim.clip import clip_coefficient, counts_in_norm, global_norm_and_overflow
-from megatron_lite.optim.grad_sync import BucketedGradSync, sum_partial_tp_grads, sum_tied_embedding_grads
+from megatron_lite.optim.clip import clip_coefficient, counts_in_norm, global_norm_and_overflow, norm_groups
+from megatron_lite.optim.grad_sync import BucketedGradSync, sum_partial_grads
 from megatron_lite.optim.mixed_precision import DynamicLossScaler
 from megatron_lite.optim.zero import BufferShard
 from megatron_lite.parallel import comm
@@ -65,25 +65,24 @@ class DistributedOptimizer:
     """AdamW over this rank's model chunks; every parallel layout takes the same steps as one process."""
 
     def __init__(self, chunks: list[torch.nn.Module], layout: ParallelLayout, config: OptimizerConfig):
+        """chunks: this rank's model stages (see `parallel.stage.ModelStage`); only their parameters and
+        the placements these carry are read."""
         self.layout, self.config, self.lr = layout, config, config.lr
-        tied = [chunk.tied_embedding_weight() for chunk in chunks]
-        tied_ids = frozenset(id(w) for w in tied if w is not None)
-        # The copy on the last stage: a chunk with the head but not the embedding.
-        tied_copy_ids = frozenset(id(w) for chunk, w in zip(chunks, tied)
-                                  if w is not None and chunk.head is not None and chunk.embedding is None)
-        dp = layout.dp
-        self.buffers = [ChunkBuffer(chunk, i, dp.size, bucket_numel(config.bucket_size_mb), tied_ids)
+        names = {spec_of(p).data_parallel for chunk in chunks for p in chunk.parameters() if p.requires_grad}
+        groups = {name: layout.group(name) for name in names}
+        self.buffers = [ChunkBuffer(chunk, i, {n: g.size for n, g in groups.items()}, bucket_numel(config.bucket_size_mb))
                         for i, chunk in enumerate(chunks)]
-        self.grad_sync = BucketedGradSync(self.buffers, dp, reduce_scatter=config.zero1)
-        self.shards = [BufferShard(buffer, dp.rank, dp.size) if config.zero1 else BufferShard(buffer, 0, 1)
-                       for buffer in self.buffers]
+        self._groups = groups
+        self.grad_sync = BucketedGradSync(self.buffers, groups, reduce_scatter=config.zero1)
+        self.shards = [BufferShard(buffer, groups if config.zero1 else None) for buffer in self.buffers]
         self._pieces = [piece for shard in self.shards for piece in shard.pieces]
-        self._tied_halves = [p.grad for p in self._pieces if id(p.slot.param) in tied_ids]
+        self._partial = [(p.slot.name, spec_of(p.slot.param), p.grad) for p in self._pieces
+                         if spec_of(p.slot.param).partial_sums]
         self._piece_grads = [p.grad for p in self._pieces]
-        self._counted = torch.tensor([counts_in_norm(p.slot.param, layout.tp, id(p.slot.param) in tied_copy_ids)
+        self._counted = torch.tensor([counts_in_norm(p.slot.param, layout, partitioned=config.zero1)
                                       for p in self._pieces], dtype=torch.bool, device=layout.device)
         self._owned_grads = [owned.grad for shard in self.shards for owned in shard.ranges]
-        self._norm_groups = [layout.tp, layout.pp] + ([dp] if config.zero1 else [])
+        self._norm_groups = norm_groups(layout, config.zero1)
         fp16 = any(buffer.dtype == torch.float16 for buffer in self.buffers)
         self.scaler = DynamicLossScaler(config.initial_loss_scale, config.loss_scale_growth_interval,
                                         config.loss_scale_growth_factor, config.loss_scale_backoff_factor,
@@ -114,8 +113,7 @@ class DistributedOptimizer:
         serial model's), loss_scale (the one this step's backward used) and skipped (inf/nan found)."""
         layout = self.layout
         self.grad_sync.finish()
-        sum_partial_tp_grads([(p.slot, p.grad) for p in self._pieces], layout.tp)
-        sum_tied_embedding_grads(self._tied_halves, layout.embedding)
+        sum_partial_grads(self._partial, layout.group)
         scale = self.loss_scale
         if scale != 1.0:
             torch._foreach_mul_(self._owned_grads, 1.0 / scale)
@@ -135,12 +133,15 @@ class DistributedOptimizer:
         return {"grad_norm": norm, "loss_scale": scale, "skipped": found_inf}
 
     def _gather_params(self) -> None:
-        """Every DP rank updated its shard of every bucket; gather the buckets' parameters back."""
-        dp = self.layout.dp
+        """Every rank updated its shard of every bucket; gather the buckets' parameters back over each
+        bucket's data-parallel group."""
         for buffer in self.buffers:
             for bucket in buffer.buckets:
-                lo, hi = bucket.shard(dp.rank, dp.size)
-                comm.all_gather_into(buffer.param_data[bucket.start:bucket.end], buffer.param_data[lo:hi].clone(), dp)
+                group = self._groups[bucket.group]
+                if group.size == 1:
+                    continue
+                lo, hi = bucket.shard(group.rank, group.size)
+                comm.all_gather_into(buffer.param_data[bucket.start:bucket.end], buffer.param_data[lo:hi].clone(), group)
 
     # ------------------------------------------------------------------ inspection and state
 
@@ -153,14 +154,16 @@ class DistributedOptimizer:
         """Each parameter's final gradient of the last step (local TP shard, fp32: DP-averaged, summed
         over TP/tied copies, unscaled, clipped). With ZeRO-1 a rank holds only its shard of them, so this
         all-gathers over DP: for tests and debugging, not for the training loop."""
-        dp, grads = self.layout.dp, {}
+        grads = {}
         for buffer in self.buffers:
             full = buffer.grad_data
-            if self.config.zero1 and dp.size > 1:
-                full = torch.empty_like(buffer.grad_data)
+            if self.config.zero1:
+                full = buffer.grad_data.clone()
                 for bucket in buffer.buckets:
-                    lo, hi = bucket.shard(dp.rank, dp.size)
-                    comm.all_gather_into(full[bucket.start:bucket.end], buffer.grad_data[lo:hi].clone(), dp)
+                    group = self._groups[bucket.group]
+                    if group.size > 1:
+                        lo, hi = bucket.shard(group.rank, group.size)
+                        comm.all_gather_into(full[bucket.start:bucket.end], buffer.grad_data[lo:hi].clone(), group)
             for slot in buffer.slots:
                 grads[slot.name] = full[slot.start:slot.end].view(slot.param.shape).clone()
         return grads

@@ -1,7 +1,8 @@
 """ZeRO-1: the part of a chunk's buffers whose optimizer update this rank performs.
 
-With ZeRO-1 a rank updates shard r (r = its DP rank) of every bucket, so the fp32 master weights and
-Adam's two moments cost 1/DP of the memory; the gradient arrives there by reduce-scatter and the
+With ZeRO-1 a rank updates shard r of every bucket (r = its rank in the bucket's data-parallel group:
+DP for dense parameters, expert-DP for experts), so the fp32 master weights and Adam's two moments
+cost 1/DP of the memory; the gradient arrives there by reduce-scatter and the
 updated parameters leave by all-gather. Without ZeRO-1 the shard is the whole buffer: the same code
 with one shard, no gather.
 
@@ -49,12 +50,14 @@ class OwnedRange:
 
 
 class BufferShard:
-    def __init__(self, buffer: ChunkBuffer, rank: int, num_shards: int):
+    def __init__(self, buffer: ChunkBuffer, groups: dict | None = None):
+        """groups: ZeRO-1's data-parallel groups by name (each bucket is sharded over its own); None: the
+        whole buffer is this rank's."""
         self.buffer = buffer
-        if num_shards == 1:
+        if groups is None or all(groups[b.group].size == 1 for b in buffer.buckets):
             bounds = [(0, buffer.numel)] if buffer.numel else []
         else:
-            bounds = [bucket.shard(rank, num_shards) for bucket in buffer.buckets]
+            bounds = [bucket.shard(groups[bucket.group].rank, groups[bucket.group].size) for bucket in buffer.buckets]
         self.numel = sum(hi - lo for lo, hi in bounds)
         device = buffer.grad_data.device
         self.exp_avg = torch.zeros(self.numel, dtype=torch.float32, device=device)

@@ -256,11 +256,9 @@ def start_p2p(ops: list[P2POp], g: CommGroup) -> list:
     return dist.batch_isend_irecv(batch)
 
 
-def p2p_operations_independent(g: CommGroup) -> bool:
-    """Whether the group's sends and receives proceed independently of the order they were posted in
-    (gloo), so a receive can be posted early without holding up a later send. NCCL runs a
-    communicator's operations in order on one stream."""
-    return g.size > 1 and dist.get_backend(g.group) == "gloo"
+def backend_of(g: CommGroup) -> str | None:
+    """The process-group backend of the group ("gloo", "nccl", ...), None for a group of one rank."""
+    return None if g.size == 1 else dist.get_backend(g.group)
 
 
 def all_gather_object(obj, g: CommGroup) -> list:

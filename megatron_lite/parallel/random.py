@@ -22,6 +22,7 @@ class DropoutRNG:
     def __init__(self, seed: int, layout: ParallelLayout, stream: str = ""):
         """`stream` separates model chunks that share a rank (interleaved pipelines)."""
         where = f"{stream}/pp{layout.pp.rank}/dp{layout.dp.rank}"
+        self.name = f"{where}/tp{layout.tp.rank}"
         device = layout.device
         self.replicated = torch.Generator(device).manual_seed(seed_for(seed, f"dropout/{where}"))
         self.tensor_parallel = torch.Generator(device).manual_seed(seed_for(seed, f"dropout/{where}/tp{layout.tp.rank}"))
@@ -32,6 +33,12 @@ class DropoutRNG:
     def set_state(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.replicated.set_state(state[0])
         self.tensor_parallel.set_state(state[1])
+
+    def reseed(self, salt: str) -> None:
+        """Deterministically re-seed both generators from their own seeds and `salt` (a resume under
+        another layout, where saved states cannot be mapped)."""
+        for generator in (self.replicated, self.tensor_parallel):
+            generator.manual_seed(seed_for(generator.initial_seed(), salt))
 
     def recompute_contexts(self):
         """`context_fn` for torch.utils.checkpoint: the recomputation replays the masks of the forward."""

@@ -1,26 +1,29 @@
-"""Runs one pipeline rank's action list: forwards, backwards and the transfers between stages.
+"""Runs one pipeline rank's program: forwards, backwards and the transfers between stages.
 
 - Activation shapes are static (from the config), so no shape handshake precedes a transfer.
-- Consecutive communication actions are posted together, the way Megatron pairs "send forward,
-  receive backward"; sends are asynchronous and a receive is waited on only by the compute action
-  that consumes it. With sends that never block, the plan validator proves the list cannot deadlock.
+- The program (`program.build_programs`) says which sends and receives are posted together; it is built
+  for the transport the pipeline group runs on (`transport.transport_for_backend`) and the validator
+  proves it cannot deadlock there. A receive is waited on only by the compute that consumes it.
 - A forward output sent to the next stage is needed later only for its autograd graph, so its
   storage is released once the send is posted (Megatron's "deallocate output tensor"); the send's
-  own reference keeps the bytes only until the transfer is known complete, which the plan tells
-  (see `send_completion_points`) even where the transport cannot (gloo).
+  own reference keeps the bytes only until the transfer is known complete, which the program tells
+  (see `program.send_completion_points`) even where the transport cannot (gloo).
 - Activations and gradients travel under different tags, because with interleaving one pair of
   ranks carries both in the same direction.
 - Where the transport lets transfers proceed independently (gloo), receives are posted a little ahead
   of the plan (`receive_lookahead` of them, in plan order): gloo moves a message only once its receive
   is posted, and then needs the sender's communication thread, which on a busy CPU takes a while to
-  get scheduled; posted ahead, the message arrives while the previous compute runs. NCCL serialises
-  the operations of a communicator on one stream, where an early receive could hold up a send that its
-  peer waits for, so there the plan's order is kept.
+  get scheduled; posted ahead, the message arrives while the previous compute runs. In-order transports
+  (NCCL) get matched programs instead, where every send is posted together with the peer's receive.
+- Run with an in-order transport on gloo (`transport=NCCL`), the executor waits for each transfer
+  before the next step, which is what a single in-order stream does: the NCCL programs then run, and
+  can be tested, on CPU (gloo's sends complete only once the receive is posted, like NCCL's rendezvous).
+- Between virtual stages that live on the same rank (pp=1 with several model chunks) the tensors are
+  handed over locally, without a message.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,7 +32,9 @@ from torch.autograd import Variable
 
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
-from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan, virtual_stage
+from megatron_lite.pipeline.program import Transfer, build_programs, default_batching, send_completion_points
+from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan, forward_only_plan, virtual_stage
+from megatron_lite.pipeline.transport import Transport, message_of, transport_for_backend
 
 ACTIVATION_TAG, GRAD_TAG = 0, 1
 RECEIVE_LOOKAHEAD = 1  # receives posted beyond the ones the plan has reached, where the transport allows
@@ -41,12 +46,11 @@ class _InFlight:
 
     inputs: dict = field(default_factory=dict)      # stage input (requires grad) or token ids
     outputs: dict = field(default_factory=dict)     # stage output, or the scaled loss on the last stage
-    received: dict = field(default_factory=dict)    # (kind, mb, chunk) -> (buffer, [work])
+    received: dict = field(default_factory=dict)    # (kind, mb, chunk) -> (buffer, work)
+    local: dict = field(default_factory=dict)       # (kind, mb, chunk) -> tensor handed over on this rank
+    auxiliary: dict = field(default_factory=dict)   # (mb, chunk) -> the stage's auxiliary loss / m
     to_send: dict = field(default_factory=dict)     # (kind, mb, chunk) -> tensor ready to send
-    sends: dict = field(default_factory=dict)       # message key -> (work, tensor) until known complete
-    receives: list = field(default_factory=list)    # the step's receive actions, in plan order
-    posted: int = 0                                 # how many of them are posted (always a prefix)
-    reached: int = 0                                # how many of them the plan has reached
+    sends: dict = field(default_factory=dict)       # Message -> (work, tensor) until known complete
 
 
 def _release(tensor: torch.Tensor) -> None:
@@ -54,84 +58,51 @@ def _release(tensor: torch.Tensor) -> None:
     tensor.data = torch.empty((1,), device=tensor.device, dtype=tensor.dtype)
 
 
-def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
-    """Backward from `output` with `grad` (None: a scalar loss), bypassing the shape check that a
-    released output would fail."""
+def _backward(output: torch.Tensor, grad: torch.Tensor | None, auxiliary: torch.Tensor | None = None,
+              auxiliary_scale: float = 1.0) -> None:
+    """Backward from `output` with `grad` (None: a scalar loss), and from the stage's auxiliary loss
+    (times the loss scale), bypassing the shape check that a released output would fail."""
     if grad is None:
         grad = torch.ones_like(output)
+    tensors, grads = (output,), (grad,)
+    if auxiliary is not None:
+        tensors, grads = tensors + (auxiliary,), grads + (torch.full_like(auxiliary, auxiliary_scale),)
     Variable._execution_engine.run_backward(
-        tensors=(output,), grad_tensors=(grad,), keep_graph=False, create_graph=False, inputs=(),
+        tensors=tensors, grad_tensors=grads, keep_graph=False, create_graph=False, inputs=(),
         allow_unreachable=True, accumulate_grad=True,
     )
-
-
-def _message_key(action: Action, rank: int, p: int) -> tuple:
-    """Identity of the message a send or receive action carries: (direction, microbatch, consumer
-    virtual stage)."""
-    stage = virtual_stage(rank, action.chunk, p)
-    if action.kind == ActionKind.SEND_ACTIVATION:
-        return ("activation", action.microbatch, stage + 1)
-    if action.kind == ActionKind.SEND_GRAD:
-        return ("grad", action.microbatch, stage - 1)
-    return ("activation" if action.kind == ActionKind.RECV_ACTIVATION else "grad", action.microbatch, stage)
-
-
-@functools.lru_cache(maxsize=32)  # a pure function of the (frozen) plan; executors are rebuilt every step
-def send_completion_points(plan: PipelinePlan, rank: int) -> dict[tuple, list[tuple]]:
-    """For each receive on `rank` (by message key): the sends of `rank` known complete once it arrives.
-
-    A send S to peer P is complete once `rank` has received any message that P sent after the
-    compute that consumed S (P waits on S before that compute). Transports such as gloo report a
-    send complete only when waited on, so these points are where the executor can drop sent buffers
-    early without ever blocking.
-    """
-    p = plan.num_stages
-    position = {}  # message key -> (rank, index) of its receive and of the compute that consumes it
-    sent_at = {}   # message key -> (rank, index) of its send
-    for r, actions in enumerate(plan.actions):
-        for i, action in enumerate(actions):
-            if action.kind.is_recv:
-                consume = next(j for j in range(i + 1, len(actions)) if actions[j].kind.is_compute)
-                position[_message_key(action, r, p)] = consume
-            elif action.kind.is_send:
-                sent_at[_message_key(action, r, p)] = (r, i)
-    points: dict[tuple, list[tuple]] = {}
-    actions = plan.actions[rank]
-    for i, send in enumerate(actions):
-        if not send.kind.is_send:
-            continue
-        sent = _message_key(send, rank, p)
-        consumed_at = position[sent]
-        for later in actions[i + 1:]:
-            if not later.kind.is_recv or later.peer != send.peer:
-                continue
-            key = _message_key(later, rank, p)
-            if sent_at[key][1] > consumed_at:
-                points.setdefault(key, []).append(sent)
-                break
-    return points
 
 
 class PipelineExecutor:
     def __init__(self, plan: PipelinePlan, chunks: list[torch.nn.Module], layout: ParallelLayout,
                  activation_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                 receive_lookahead: int | None = None):
+                 receive_lookahead: int | None = None, transport: Transport | None = None,
+                 batching: str | None = None):
+        """transport: the semantics to plan for (default: the pipeline group's backend's); batching:
+        how transfers are grouped (default: the transport's, see `program.default_batching`)."""
         if len(chunks) != plan.virtual_stages:
             raise ValueError(f"{len(chunks)} model chunks for a plan with {plan.virtual_stages} virtual stages")
         self.plan, self.chunks, self.layout = plan, chunks, layout
         self.activation_shape, self.dtype = tuple(activation_shape), dtype
         self.rank = layout.pp.rank
-        self.actions = plan.actions[self.rank]
         self.last_stage = plan.num_virtual_stages - 1
-        self.completion_points = send_completion_points(plan, self.rank)
+        backend = comm.backend_of(layout.pp)
+        self.transport = transport or transport_for_backend(backend or "gloo")
+        if receive_lookahead is None:
+            receive_lookahead = 0 if self.transport.in_order else RECEIVE_LOOKAHEAD
+        self.receive_lookahead = receive_lookahead
+        self.batching = batching or default_batching(self.transport)
+        # An in-order transport emulated on a backend whose operations are independent: one transfer at
+        # a time, as one stream would run them.
+        self.wait_each_transfer = self.transport.in_order and backend not in (None, "nccl")
         self.released_outputs = 0  # forward outputs whose storage our graph no longer pins
         self.peak_pending_sends = 0  # most sends whose buffers were held at once
-        if receive_lookahead is None:
-            receive_lookahead = RECEIVE_LOOKAHEAD if comm.p2p_operations_independent(layout.pp) else 0
-        self.receive_lookahead = receive_lookahead
 
     def _stage(self, chunk: int) -> int:
         return virtual_stage(self.rank, chunk, self.plan.num_stages)
+
+    def _is_local(self, stage: int) -> bool:
+        return 0 <= stage < self.plan.num_virtual_stages and stage % self.plan.num_stages == self.rank
 
     def run(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, forward_only: bool = False,
             loss_scale: float = 1.0, before_last_backward: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -145,34 +116,23 @@ class PipelineExecutor:
         targets None (forward only): the last stage keeps its logits in `self.outputs[microbatch]`
             instead of computing a loss (text generation).
         """
+        plan = forward_only_plan(self.plan) if forward_only else self.plan
+        programs = build_programs(plan, self.batching, self.receive_lookahead)
+        self.completion_points = send_completion_points(plan, programs, self.rank)
         self.outputs: dict[int, torch.Tensor] = {}
         state = _InFlight()
         self.loss_scale, self.before_last_backward = loss_scale, before_last_backward
         self.backwards_done = [0] * len(self.chunks)
         loss_sum = torch.zeros((), device=self.layout.device)
-        actions = [a for a in self.actions if not forward_only or a.kind in _FORWARD_KINDS]
-        state.receives = [a for a in actions if a.kind.is_recv]
-        pending_comm: list[Action] = []
-        for action in actions:
-            if action.kind.is_recv:
-                state.reached += 1
-                if state.reached <= state.posted:
-                    continue  # posted ahead already
-                state.posted += 1
-            if not action.kind.is_compute:
-                pending_comm.append(action)
-                continue
-            ahead = state.receives[state.posted:state.reached + self.receive_lookahead]
-            state.posted += len(ahead)
-            self._communicate(pending_comm + ahead, state)
-            pending_comm = []
-            if action.kind == ActionKind.FORWARD:
-                loss = self._forward(action, tokens, targets, state, forward_only)
+        for step in programs[self.rank]:
+            if isinstance(step, Transfer):
+                self._communicate(plan, step.actions, state)
+            elif step.kind == ActionKind.FORWARD:
+                loss = self._forward(step, tokens, targets, state, forward_only)
                 if loss is not None:
                     loss_sum += loss
             else:
-                self._backward(action, state)
-        self._communicate(pending_comm, state)
+                self._backward(step, state)
         for work, _ in state.sends.values():
             work.wait()
         return loss_sum
@@ -185,7 +145,10 @@ class PipelineExecutor:
         if stage == 0:
             stage_input = tokens[action.microbatch]
         else:
-            stage_input = self._wait_received(ActionKind.RECV_ACTIVATION, key, state)
+            if self._is_local(stage - 1):
+                stage_input = state.local.pop((ActionKind.FORWARD,) + key).detach()
+            else:
+                stage_input = self._wait_received(ActionKind.RECV_ACTIVATION, key, state)
             stage_input.requires_grad_(not forward_only)
         with torch.set_grad_enabled(not forward_only):
             output = self.chunks[action.chunk](stage_input)
@@ -195,32 +158,47 @@ class PipelineExecutor:
             if stage == self.last_stage:
                 loss = self.chunks[action.chunk].loss(output, targets[action.microbatch]).mean()
                 output = loss / self.plan.num_microbatches
+            auxiliary = self.chunks[action.chunk].auxiliary_loss()
         if not forward_only:
             state.inputs[key] = stage_input
             state.outputs[key] = output
+            if auxiliary is not None:
+                state.auxiliary[key] = auxiliary / self.plan.num_microbatches
         if stage == self.last_stage:
             return output.detach()
-        state.to_send[(ActionKind.SEND_ACTIVATION,) + key] = output.detach()
+        if self._is_local(stage + 1):
+            state.local[(ActionKind.FORWARD, action.microbatch, action.chunk + 1)] = output
+        else:
+            state.to_send[(ActionKind.SEND_ACTIVATION,) + key] = output.detach()
         return None
 
     def _backward(self, action, state):
         key = (action.microbatch, action.chunk)
         stage = self._stage(action.chunk)
         output = state.outputs.pop(key)
-        grad = None if stage == self.last_stage else self._wait_received(ActionKind.RECV_GRAD, key, state)
+        if stage == self.last_stage:
+            grad = None
+        elif self._is_local(stage + 1):
+            grad = state.local.pop((ActionKind.BACKWARD,) + key)
+        else:
+            grad = self._wait_received(ActionKind.RECV_GRAD, key, state)
         if stage == self.last_stage and self.loss_scale != 1.0:
             output = output * self.loss_scale
         self.backwards_done[action.chunk] += 1
         if self.before_last_backward and self.backwards_done[action.chunk] == self.plan.num_microbatches:
             self.before_last_backward(action.chunk)
-        _backward(output, grad)
+        _backward(output, grad, state.auxiliary.pop(key, None), self.loss_scale)
         stage_input = state.inputs.pop(key)
-        if stage > 0:
+        if stage == 0:
+            return
+        if self._is_local(stage - 1):
+            state.local[(ActionKind.BACKWARD, action.microbatch, action.chunk - 1)] = stage_input.grad
+        else:
             state.to_send[(ActionKind.SEND_GRAD,) + key] = stage_input.grad
 
     # ------------------------------------------------------------------ communication
 
-    def _communicate(self, actions: list[Action], state: _InFlight) -> None:
+    def _communicate(self, plan: PipelinePlan, actions: tuple[Action, ...], state: _InFlight) -> None:
         ops = []
         for action in actions:
             key = (action.kind, action.microbatch, action.chunk)
@@ -232,10 +210,13 @@ class PipelineExecutor:
                 buffer = torch.empty(self.activation_shape, dtype=self.dtype, device=self.layout.device)
                 ops.append(comm.P2POp(False, buffer, action.peer, tag))
         works = comm.start_p2p(ops, self.layout.pp)
+        if self.wait_each_transfer:
+            for work in works:
+                work.wait()
         self.peak_pending_sends = max(self.peak_pending_sends, len(state.sends) + sum(op.is_send for op in ops))
         for action, op, work in zip(actions, ops, works):
             if op.is_send:
-                state.sends[_message_key(action, self.rank, self.plan.num_stages)] = (work, op.tensor)
+                state.sends[message_of(plan, self.rank, action)] = (work, op.tensor)
                 output = state.outputs.get((action.microbatch, action.chunk))
                 if action.kind == ActionKind.SEND_ACTIVATION and output is not None:
                     # The send holds the bytes while it needs them; the output kept for backward only
@@ -248,12 +229,10 @@ class PipelineExecutor:
     def _wait_received(self, kind: ActionKind, key: tuple[int, int], state: _InFlight) -> torch.Tensor:
         buffer, work = state.received.pop((kind,) + key)
         work.wait()
-        message = _message_key(Action(kind, key[0], key[1]), self.rank, self.plan.num_stages)
+        peer = (self.rank - 1 if kind == ActionKind.RECV_ACTIVATION else self.rank + 1) % self.plan.num_stages
+        message = message_of(self.plan, self.rank, Action(kind, key[0], key[1], peer))
         for sent in self.completion_points.get(message, ()):
-            entry = state.sends.pop(sent, None)  # None: a backward send that a forward-only run skips
+            entry = state.sends.pop(sent, None)
             if entry is not None:
                 entry[0].wait()  # already complete: returns at once and frees the send buffer
         return buffer
-
-
-_FORWARD_KINDS = frozenset({ActionKind.FORWARD, ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION})

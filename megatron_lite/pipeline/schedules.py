@@ -14,8 +14,11 @@ virtual stage is just the rank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from enum import Enum
+
+from megatron_lite.parallel.layout import stage_location, virtual_stage  # noqa: F401 - part of this API
 
 
 class ActionKind(str, Enum):
@@ -70,37 +73,24 @@ class PipelinePlan:
     num_microbatches: int
     virtual_stages: int
     actions: tuple[tuple[Action, ...], ...]  # actions[rank] = ordered list for that pipeline rank
+    forward_only: bool = False  # no backward actions (evaluation, generation)
 
     @property
     def num_virtual_stages(self) -> int:
         return self.num_stages * self.virtual_stages
 
 
+_FORWARD_KINDS = frozenset({ActionKind.FORWARD, ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION})
+
+
+@functools.lru_cache(maxsize=32)
+def forward_only_plan(plan: PipelinePlan) -> PipelinePlan:
+    """The plan's forward actions alone, in the plan's order (evaluation and generation)."""
+    actions = tuple(tuple(a for a in rank if a.kind in _FORWARD_KINDS) for rank in plan.actions)
+    return replace(plan, name=f"{plan.name} (forward only)", actions=actions, forward_only=True)
+
+
 SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b")
-
-
-def virtual_stage(rank: int, chunk: int, num_stages: int) -> int:
-    return chunk * num_stages + rank
-
-
-def stage_location(vstage: int, num_stages: int) -> tuple[int, int]:
-    """(rank, chunk) that hosts virtual stage ``vstage``."""
-    return vstage % num_stages, vstage // num_stages
-
-
-def check_layer_split(num_layers: int, num_stages: int, virtual_stages: int = 1) -> int:
-    """Number of layers per model chunk; raises ValueError if they cannot be split evenly."""
-    _check_positive(num_stages=num_stages, virtual_stages=virtual_stages, num_layers=num_layers)
-    chunks = num_stages * virtual_stages
-    if num_layers % chunks != 0:
-        lower = (num_layers // chunks) * chunks
-        hint = f"{lower} or {lower + chunks}" if lower else f"{chunks}"
-        raise ValueError(
-            f"num_layers={num_layers} cannot be split into pp*virtual_stages="
-            f"{num_stages}*{virtual_stages}={chunks} equal chunks; use a multiple of {chunks} "
-            f"(e.g. {hint}) or change pp/virtual_stages"
-        )
-    return num_layers // chunks
 
 
 def build_schedule(

@@ -16,6 +16,7 @@ from megatron_lite.pipeline.schedules import (
     stage_location,
     virtual_stage,
 )
+from megatron_lite.pipeline.transport import Message, message_of
 from megatron_lite.pipeline.validate import PlanError
 
 F, B = ActionKind.FORWARD, ActionKind.BACKWARD
@@ -72,8 +73,7 @@ class _Clock:
         self.free_at = [0.0] * p
         self.compute_end: list[dict[tuple, float]] = [{} for _ in range(p)]
         self.arrived: list[dict[tuple, float]] = [{} for _ in range(p)]
-        self.sent: dict[tuple, list[float]] = {}
-        self.taken: dict[tuple, int] = {}
+        self.sent: dict[Message, float] = {}  # arrival time of each message sent so far
         self.spans: list[list[ComputeSpan]] = [[] for _ in range(p)]
 
     def step(self, rank: int) -> bool:
@@ -89,25 +89,16 @@ class _Clock:
         self.position[rank] += 1
         return True
 
-    def _channel(self, rank: int, action: Action) -> tuple[int, int, str]:
-        direction = "F" if action.kind.value.endswith("F") else "B"
-        if action.kind.is_send:
-            return rank, action.peer, direction
-        return action.peer, rank, direction
-
     def _send(self, rank: int, action: Action) -> None:
         producer = F if action.kind is ActionKind.SEND_ACTIVATION else B
         produced = self.compute_end[rank][(producer, action.microbatch, action.chunk)]
-        self.sent.setdefault(self._channel(rank, action), []).append(produced + self.comm_cost)
+        self.sent[message_of(self.plan, rank, action)] = produced + self.comm_cost
 
     def _receive(self, rank: int, action: Action) -> bool:
-        channel = self._channel(rank, action)
-        index = self.taken.get(channel, 0)
-        if index >= len(self.sent.get(channel, ())):
+        arrival = self.sent.get(message_of(self.plan, rank, action))
+        if arrival is None:
             return False
-        self.taken[channel] = index + 1
-        key = (action.kind, action.microbatch, action.chunk)
-        self.arrived[rank][key] = self.sent[channel][index]
+        self.arrived[rank][(action.kind, action.microbatch, action.chunk)] = arrival
         return True
 
     def _inputs_ready_at(self, rank: int, action: Action) -> float:

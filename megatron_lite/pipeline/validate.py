@@ -1,9 +1,18 @@
-"""Check that a PipelinePlan is complete, consistent and cannot hang.
+"""Check that a PipelinePlan is complete, consistent and cannot hang, and that the rank programs
+built from it cannot hang on the transport they run on.
 
-Semantics are the executor's: sends never block (non-blocking isend), a receive blocks until the
-matching send has been executed, and messages between two ranks of the same kind are delivered
-in the order they were sent. Every failure raises ``PlanError`` naming the rank, the action and
-its position, so a wrong schedule is found here and not as a hang on 64 GPUs.
+`validate_plan(plan)` checks the plan itself: every compute exactly once, inputs before use, every
+receive matched by a send on the same channel in the same order, and no deadlock when sends never
+block (the weakest transport: if the plan deadlocks there, no batching can save it).
+`validate_plan(plan, transport)` also builds the programs the executor will post on that transport
+(`program.build_programs`) and replays them under its semantics (`validate_program`):
+- not in order (gloo): posting never blocks, a compute waits for the receive it consumes, and the
+  step ends once every send has been received;
+- in order (NCCL): a rank's transfers complete one after the other, and with rendezvous a send
+  completes only together with its receive, so two ranks whose current transfers each wait for a
+  receive the other posts later are deadlocked.
+Every failure raises ``PlanError`` naming the rank, the action and its position, so a wrong schedule
+is found here and not as a hang on 64 GPUs.
 """
 
 from __future__ import annotations
@@ -11,6 +20,14 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Iterable
 
+from megatron_lite.pipeline.program import (
+    ProgramError,
+    Programs,
+    Transfer,
+    build_programs,
+    consumed_message,
+    default_batching,
+)
 from megatron_lite.pipeline.schedules import (
     Action,
     ActionKind,
@@ -18,13 +35,12 @@ from megatron_lite.pipeline.schedules import (
     stage_location,
     virtual_stage,
 )
+from megatron_lite.pipeline.transport import Message, Transport, message_of
 
 F, B = ActionKind.FORWARD, ActionKind.BACKWARD
 SEND_F, RECV_F = ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION
 SEND_B, RECV_B = ActionKind.SEND_GRAD, ActionKind.RECV_GRAD
 
-# A message is identified by its direction, microbatch and the virtual stage it is delivered to.
-Message = tuple[str, int, int]
 Channel = tuple[int, int, str]  # (sender rank, receiver rank, direction)
 
 
@@ -32,7 +48,9 @@ class PlanError(ValueError):
     """A pipeline plan is malformed, inconsistent or deadlocks."""
 
 
-def validate_plan(plan: PipelinePlan) -> None:
+def validate_plan(plan: PipelinePlan, transport: Transport | None = None, receive_lookahead: int = 0) -> None:
+    """Raise PlanError if the plan is malformed or can hang; with `transport`, also if the programs the
+    executor builds for it (default batching, `receive_lookahead` where not in order) can hang there."""
     _check_shape(plan)
     for rank, actions in enumerate(plan.actions):
         _check_compute_exactly_once(plan, rank, actions)
@@ -40,6 +58,13 @@ def validate_plan(plan: PipelinePlan) -> None:
     steps = _comm_steps(plan)
     _check_send_recv_matching(steps)
     _check_no_deadlock(plan, steps)
+    if transport is not None:
+        lookahead = 0 if transport.in_order else receive_lookahead
+        try:
+            programs = build_programs(plan, default_batching(transport), lookahead)
+        except ProgramError as err:
+            raise PlanError(str(err)) from None
+        validate_program(plan, programs, transport)
 
 
 def _where(rank: int, index: int, action: Action) -> str:
@@ -104,7 +129,7 @@ def _neighbour_stage(plan: PipelinePlan, rank: int, action: Action) -> int | Non
 
 def _check_compute_exactly_once(plan: PipelinePlan, rank: int, actions: Iterable[Action]) -> None:
     counts = Counter((a.kind, a.microbatch, a.chunk) for a in actions if a.kind.is_compute)
-    for kind in (F, B):
+    for kind in ((F,) if plan.forward_only else (F, B)):
         for chunk in range(plan.virtual_stages):
             for mb in range(plan.num_microbatches):
                 n = counts[(kind, mb, chunk)]
@@ -159,14 +184,8 @@ def _input_source(
 
 
 def _message(plan: PipelinePlan, rank: int, action: Action) -> tuple[Channel, Message]:
-    direction = "F" if action.kind in (SEND_F, RECV_F) else "B"
-    if action.kind.is_send:
-        channel = (rank, action.peer, direction)
-        target = _neighbour_stage(plan, rank, action)
-    else:
-        channel = (action.peer, rank, direction)
-        target = _stage(plan, rank, action)
-    return channel, (direction, action.microbatch, target)
+    message = message_of(plan, rank, action)
+    return message.channel, message
 
 
 # One communication action, resolved once: (action index, is receive, channel, message).
@@ -194,13 +213,12 @@ def _channel_traffic(steps: list[list[CommStep]], receives: bool) -> dict[Channe
 
 
 def _describe(message: Message) -> str:
-    direction, mb, target = message
-    what = "activation" if direction == "F" else "gradient"
-    return f"{what} of mb={mb} for virtual stage {target}"
+    what = "activation" if message.direction == "F" else "gradient"
+    return f"{what} of mb={message.microbatch} for virtual stage {message.consumer}"
 
 
 def _missing(role: str, message: Message, rank: int) -> str:
-    return f"{role}_{message[0]}(mb={message[1]}) on rank {rank}"
+    return f"{role}_{message.direction}(mb={message.microbatch}) on rank {rank}"
 
 
 def _check_send_recv_matching(steps: list[list[CommStep]]) -> None:
@@ -263,3 +281,94 @@ def _check_no_deadlock(plan: PipelinePlan, steps: list[list[CommStep]]) -> None:
 
 def _waiting_at(plan: PipelinePlan, rank: int, index: int) -> str:
     return f"rank {rank} waits at action #{index} {plan.actions[rank][index]}"
+
+
+# ----------------------------------------------------------------------------- programs on a transport
+
+
+def validate_program(plan: PipelinePlan, programs: Programs, transport: Transport) -> None:
+    """Replay rank programs under `transport`'s semantics; PlanError if they differ from the plan or
+    some rank can wait forever."""
+    _check_program_matches_plan(plan, programs)
+    p = plan.num_stages
+    position = [0] * p
+    sends_posted: set[Message] = set()
+    recvs_posted: set[Message] = set()
+    active: list[bool] = [False] * p  # the transfer at `position` has been posted (in-order transports)
+    progress = True
+    while progress:
+        progress = False
+        for rank in range(p):
+            while _advance(plan, programs[rank], rank, position, active, sends_posted, recvs_posted, transport):
+                progress = True
+    stuck = [r for r in range(p) if position[r] <= len(programs[r])]
+    if stuck:
+        waits = "; ".join(_program_wait(plan, programs[r], r, position[r], transport) for r in stuck)
+        raise PlanError(f"{plan.name} p={p} m={plan.num_microbatches} v={plan.virtual_stages} deadlocks on the "
+                        f"{transport} transport: {waits}")
+
+
+def _advance(plan, program, rank, position, active, sends_posted, recvs_posted, transport) -> bool:
+    """One step of `rank` if it can make it. Position len(program) is the final wait for the sends."""
+    index = position[rank]
+    if index > len(program):
+        return False
+    if index == len(program):  # the step ends once every send of this rank has been received
+        mine = [message_of(plan, rank, a) for s in program if isinstance(s, Transfer) for a in s.actions
+                if a.kind.is_send]
+        if transport.rendezvous and any(m not in recvs_posted for m in mine):
+            return False
+        position[rank] += 1
+        return True
+    step = program[index]
+    if isinstance(step, Transfer):
+        messages = [(a.kind.is_send, message_of(plan, rank, a)) for a in step.actions]
+        if not active[rank]:
+            for is_send, message in messages:
+                (sends_posted if is_send else recvs_posted).add(message)
+            active[rank] = True
+        if transport.in_order and not all(_completes(is_send, m, transport, sends_posted, recvs_posted)
+                                          for is_send, m in messages):
+            return False
+        active[rank] = False
+    else:
+        needed = consumed_message(plan, rank, step)
+        if needed is not None and needed not in sends_posted:
+            return False
+    position[rank] += 1
+    return True
+
+
+def _completes(is_send: bool, message: Message, transport: Transport, sends_posted, recvs_posted) -> bool:
+    if is_send:
+        return not transport.rendezvous or message in recvs_posted
+    return message in sends_posted
+
+
+def _check_program_matches_plan(plan: PipelinePlan, programs: Programs) -> None:
+    if len(programs) != plan.num_stages:
+        raise PlanError(f"{len(programs)} programs for {plan.num_stages} pipeline ranks")
+    for rank, (actions, program) in enumerate(zip(plan.actions, programs)):
+        computes = [s for s in program if not isinstance(s, Transfer)]
+        if computes != [a for a in actions if a.kind.is_compute]:
+            raise PlanError(f"rank {rank}: the program runs its computes in another order than the plan")
+        comm = Counter(a for s in program if isinstance(s, Transfer) for a in s.actions)
+        if comm != Counter(a for a in actions if not a.kind.is_compute):
+            raise PlanError(f"rank {rank}: the program posts other sends/receives than the plan")
+        received: set[Message] = set()
+        for index, step in enumerate(program):
+            if isinstance(step, Transfer):
+                received |= {message_of(plan, rank, a) for a in step.actions if a.kind.is_recv}
+                continue
+            needed = consumed_message(plan, rank, step)
+            if needed is not None and needed not in received:
+                raise PlanError(f"rank {rank} step #{index} {step} consumes the {needed} before posting its receive")
+
+
+def _program_wait(plan, program, rank, index, transport) -> str:
+    if index == len(program):
+        return f"rank {rank} waits for its sends to be received at the end of the step"
+    step = program[index]
+    if isinstance(step, Transfer):
+        return f"rank {rank} blocked in transfer #{index} {step}"
+    return f"rank {rank} waits at step #{index} {step} for the {consumed_message(plan, rank, step)}"

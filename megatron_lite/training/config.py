@@ -222,3 +222,9 @@ def check_values(cfg: RunConfig) -> None:
         raise ValueError("data.tokenizer=hf needs data.tokenizer_path (a tokenizers JSON file)")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ValueError(f"optim.grad_clip={cfg.optim.grad_clip} must be > 0, or null for no clipping")
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """The ModelConfig of conf/model/NAME.yaml, with field overrides."""
+    cfg = compose([f"model={name}"]).model_config()
+    return cfg.with_(**overrides) if overrides else cfg

@@ -26,7 +26,7 @@ def sample_tokens(chunks, plan: PipelinePlan, layout: ParallelLayout, prompt: li
     cfg = chunks[0].cfg
     window = torch.tensor(prompt, dtype=torch.long, device=layout.device).unsqueeze(0)
     shape = chunks[0].activation_shape(1, window.shape[1])
-    executor = PipelineExecutor(plan, chunks, layout, shape, chunks[0].options.dtype)
+    executor = PipelineExecutor(plan, chunks, layout, shape, chunks[0].dtype)
     generator = torch.Generator().manual_seed(seed)
     produced = []
     for _ in range(num_tokens):

@@ -113,7 +113,7 @@ def describe_placement(layout: ParallelLayout) -> str | None:
     if layout.world_size == 1:
         return None
     mine = (layout.rank, node_name(), layout.pp.rank, layout.dp.rank, layout.tp.rank, layout.tp.ranks)
-    rows = comm.all_gather_object(mine, layout.world)
+    rows = comm.all_gather_object(mine, layout.group("world"))
     node_of = {rank: node for rank, node, *_ in rows}
     by_node = defaultdict(list)
     for rank, node, pp, dp, tp, _ in rows:

@@ -41,7 +41,7 @@ class StopRequest:
     def agreed(self, layout: ParallelLayout) -> bool:
         """True on every rank once any rank has received a stop signal."""
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=layout.device)
-        comm.all_reduce(flag, layout.world, op="max")
+        comm.all_reduce(flag, layout.group("world"), op="max")
         return bool(flag.item())
 
 

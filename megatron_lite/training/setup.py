@@ -16,7 +16,7 @@ from megatron_lite.models.config import check_model_fits_layout
 from megatron_lite.optim import OptimizerConfig, build_optimizer
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes, check_sizes
-from megatron_lite.pipeline.partition import build_model_chunks, split_layers
+from megatron_lite.models.partition import build_model_chunks, split_layers
 from megatron_lite.pipeline.schedules import PipelinePlan, build_schedule
 from megatron_lite.training.config import RunConfig, check_values
 from megatron_lite.training.step import train_step

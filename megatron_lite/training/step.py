@@ -8,18 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from megatron_lite.data.microbatches import split_microbatches  # noqa: F401 - re-exported
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.pipeline.executor import PipelineExecutor
 from megatron_lite.pipeline.schedules import PipelinePlan
-
-
-def split_microbatches(tensor: torch.Tensor, num_microbatches: int) -> list[torch.Tensor]:
-    if tensor.shape[0] % num_microbatches:
-        raise ValueError(
-            f"local batch of {tensor.shape[0]} samples is not divisible by microbatches={num_microbatches}"
-        )
-    return list(tensor.chunk(num_microbatches, dim=0))
 
 
 def run_schedule(chunks, plan: PipelinePlan, tokens, targets, layout: ParallelLayout,
@@ -29,7 +22,7 @@ def run_schedule(chunks, plan: PipelinePlan, tokens, targets, layout: ParallelLa
     token_mbs = split_microbatches(tokens, plan.num_microbatches)
     target_mbs = split_microbatches(targets, plan.num_microbatches)
     shape = chunks[0].activation_shape(token_mbs[0].shape[0], token_mbs[0].shape[1])
-    dtype = chunks[0].options.dtype
+    dtype = chunks[0].dtype
     executor = PipelineExecutor(plan, chunks, layout, shape, dtype)
     loss = executor.run([t.to(layout.device) for t in token_mbs], [t.to(layout.device) for t in target_mbs],
                         forward_only=forward_only, loss_scale=loss_scale, before_last_backward=before_last_backward)

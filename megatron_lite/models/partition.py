@@ -8,8 +8,24 @@ from __future__ import annotations
 
 from megatron_lite.models.config import BuildOptions, ModelConfig
 from megatron_lite.models.transformer import TransformerStage, build_model
-from megatron_lite.parallel.layout import ParallelLayout
-from megatron_lite.pipeline.schedules import check_layer_split, virtual_stage
+from megatron_lite.parallel.layout import ParallelLayout, virtual_stage
+
+
+def check_layer_split(num_layers: int, num_stages: int, virtual_stages: int = 1) -> int:
+    """Number of layers per model chunk; raises ValueError if they cannot be split evenly."""
+    for key, value in (("num_stages", num_stages), ("virtual_stages", virtual_stages), ("num_layers", num_layers)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    chunks = num_stages * virtual_stages
+    if num_layers % chunks != 0:
+        lower = (num_layers // chunks) * chunks
+        hint = f"{lower} or {lower + chunks}" if lower else f"{chunks}"
+        raise ValueError(
+            f"num_layers={num_layers} cannot be split into pp*virtual_stages="
+            f"{num_stages}*{virtual_stages}={chunks} equal chunks; use a multiple of {chunks} "
+            f"(e.g. {hint}) or change pp/virtual_stages"
+        )
+    return num_layers // chunks
 
 
 def split_layers(num_layers: int, num_stages: int, virtual_stages: int = 1,
