@@ -15,6 +15,7 @@ from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
 from megatron_lite.parallel.sharding import ShardSpec, gather_full, spec_of, tp_shard
 from megatron_lite.models.partition import build_model_chunks, named_parameters
 from megatron_lite.pipeline.schedules import build_schedule
+from megatron_lite.pipeline.transport import TRANSPORTS
 from megatron_lite.training.step import run_schedule, train_step
 
 SEED = 1234
@@ -56,6 +57,7 @@ class Case:
     zero1: bool = False
     grad_clip: float | None = None
     receive_lookahead: int | None = None  # None: the executor's default for the backend
+    transport: str | None = None  # "nccl": NCCL's in-order rendezvous semantics, emulated on gloo
 
     @property
     def world(self) -> int:
@@ -70,6 +72,7 @@ class Case:
         text += f" recompute={self.recompute}" if self.recompute != "none" else ""
         text += f" clip={self.grad_clip}" if self.grad_clip is not None else ""
         text += f" lookahead={self.receive_lookahead}" if self.receive_lookahead is not None else ""
+        text += f" transport={self.transport}" if self.transport is not None else ""
         return text
 
     @property
@@ -105,7 +108,8 @@ def run_training(case: Case, layout: ParallelLayout) -> dict:
         tokens, targets = tokens.chunk(dp.size)[dp.rank], targets.chunk(dp.size)[dp.rank]
         if layout.pp.size == 1:
             record["logits"].append(_full_logits(chunks[0], tokens, layout))
-        loss, stats = train_step(chunks, optimizer, tokens, targets, layout, plan)
+        transport = TRANSPORTS[case.transport] if case.transport else None
+        loss, stats = train_step(chunks, optimizer, tokens, targets, layout, plan, transport=transport)
         record["loss"].append(loss)
         record["grad_norm"].append(stats["grad_norm"])
         record["grads"].append(_full(chunks, layout, optimizer.reduced_grads()))

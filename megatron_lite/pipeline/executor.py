@@ -134,7 +134,8 @@ class PipelineExecutor:
             else:
                 self._backward(step, state)
         for work, _ in state.sends.values():
-            work.wait()
+            if work is not None:
+                work.wait()
         return loss_sum
 
     # ------------------------------------------------------------------ compute
@@ -213,6 +214,7 @@ class PipelineExecutor:
         if self.wait_each_transfer:
             for work in works:
                 work.wait()
+            works = [None] * len(works)  # done (gloo's receive works must not be waited twice)
         self.peak_pending_sends = max(self.peak_pending_sends, len(state.sends) + sum(op.is_send for op in ops))
         for action, op, work in zip(actions, ops, works):
             if op.is_send:
@@ -228,11 +230,12 @@ class PipelineExecutor:
 
     def _wait_received(self, kind: ActionKind, key: tuple[int, int], state: _InFlight) -> torch.Tensor:
         buffer, work = state.received.pop((kind,) + key)
-        work.wait()
+        if work is not None:
+            work.wait()
         peer = (self.rank - 1 if kind == ActionKind.RECV_ACTIVATION else self.rank + 1) % self.plan.num_stages
         message = message_of(self.plan, self.rank, Action(kind, key[0], key[1], peer))
         for sent in self.completion_points.get(message, ()):
             entry = state.sends.pop(sent, None)
-            if entry is not None:
+            if entry is not None and entry[0] is not None:
                 entry[0].wait()  # already complete: returns at once and frees the send buffer
         return buffer

@@ -291,15 +291,40 @@ def validate_program(plan: PipelinePlan, programs: Programs, transport: Transpor
     some rank can wait forever."""
     _check_program_matches_plan(plan, programs)
     p = plan.num_stages
+    # Per rank and step: a transfer's (is_send, message) pairs, or the message a compute waits for.
+    steps = [[[(a.kind.is_send, message_of(plan, rank, a)) for a in step.actions] if isinstance(step, Transfer)
+              else consumed_message(plan, rank, step) for step in program] for rank, program in enumerate(programs)]
+    sends = [[m for step in rank_steps if isinstance(step, list) for is_send, m in step if is_send]
+             for rank_steps in steps]
     position = [0] * p
-    sends_posted: set[Message] = set()
-    recvs_posted: set[Message] = set()
-    active: list[bool] = [False] * p  # the transfer at `position` has been posted (in-order transports)
+    posted: set[tuple[bool, Message]] = set()
+    active = [False] * p  # the transfer at `position` has been posted (in-order transports)
+
+    def advance(rank: int) -> bool:
+        index = position[rank]
+        if index > len(steps[rank]):
+            return False
+        if index == len(steps[rank]):  # the step ends once every send of this rank has been received
+            if transport.rendezvous and any((False, m) not in posted for m in sends[rank]):
+                return False
+        elif isinstance(steps[rank][index], list):
+            ops = steps[rank][index]
+            if not active[rank]:
+                posted.update(ops)
+                active[rank] = True
+            if transport.in_order and not all(_completes(is_send, m, transport, posted) for is_send, m in ops):
+                return False
+            active[rank] = False
+        elif steps[rank][index] is not None and (True, steps[rank][index]) not in posted:
+            return False
+        position[rank] += 1
+        return True
+
     progress = True
     while progress:
         progress = False
         for rank in range(p):
-            while _advance(plan, programs[rank], rank, position, active, sends_posted, recvs_posted, transport):
+            while advance(rank):
                 progress = True
     stuck = [r for r in range(p) if position[r] <= len(programs[r])]
     if stuck:
@@ -308,41 +333,12 @@ def validate_program(plan: PipelinePlan, programs: Programs, transport: Transpor
                         f"{transport} transport: {waits}")
 
 
-def _advance(plan, program, rank, position, active, sends_posted, recvs_posted, transport) -> bool:
-    """One step of `rank` if it can make it. Position len(program) is the final wait for the sends."""
-    index = position[rank]
-    if index > len(program):
-        return False
-    if index == len(program):  # the step ends once every send of this rank has been received
-        mine = [message_of(plan, rank, a) for s in program if isinstance(s, Transfer) for a in s.actions
-                if a.kind.is_send]
-        if transport.rendezvous and any(m not in recvs_posted for m in mine):
-            return False
-        position[rank] += 1
-        return True
-    step = program[index]
-    if isinstance(step, Transfer):
-        messages = [(a.kind.is_send, message_of(plan, rank, a)) for a in step.actions]
-        if not active[rank]:
-            for is_send, message in messages:
-                (sends_posted if is_send else recvs_posted).add(message)
-            active[rank] = True
-        if transport.in_order and not all(_completes(is_send, m, transport, sends_posted, recvs_posted)
-                                          for is_send, m in messages):
-            return False
-        active[rank] = False
-    else:
-        needed = consumed_message(plan, rank, step)
-        if needed is not None and needed not in sends_posted:
-            return False
-    position[rank] += 1
-    return True
-
-
-def _completes(is_send: bool, message: Message, transport: Transport, sends_posted, recvs_posted) -> bool:
+def _completes(is_send: bool, message: Message, transport: Transport, posted: set) -> bool:
+    """A send completes once its receive is posted (at once without rendezvous); a receive once its
+    send is posted."""
     if is_send:
-        return not transport.rendezvous or message in recvs_posted
-    return message in sends_posted
+        return not transport.rendezvous or (False, message) in posted
+    return (True, message) in posted
 
 
 def _check_program_matches_plan(plan: PipelinePlan, programs: Programs) -> None:
