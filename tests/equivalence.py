@@ -65,7 +65,7 @@ class Case:
 
     def __str__(self) -> str:
         text = f"{self.model} tp={self.tp} pp={self.pp} dp={self.dp} m={self.microbatches}"
-        if self.pp > 1:
+        if self.pp > 1 or self.virtual_stages > 1 or self.schedule != "1f1b":
             text += f" {self.schedule}" + (f" v={self.virtual_stages}" if self.virtual_stages > 1 else "")
         for flag, label in ((self.sequence_parallel, "sp"), (self.zero1, "zero1")):
             text += f" {label}" if flag else ""
@@ -106,7 +106,7 @@ def run_training(case: Case, layout: ParallelLayout) -> dict:
     record = {"logits": [], "loss": [], "grad_norm": [], "grads": [], "weights": None, "eval_loss": None}
     for tokens, targets in global_batches(cfg.vocab_size):
         tokens, targets = tokens.chunk(dp.size)[dp.rank], targets.chunk(dp.size)[dp.rank]
-        if layout.pp.size == 1:
+        if len(chunks) == 1 and layout.pp.size == 1:  # the whole model in one chunk: its output is the logits
             record["logits"].append(_full_logits(chunks[0], tokens, layout))
         transport = TRANSPORTS[case.transport] if case.transport else None
         loss, stats = train_step(chunks, optimizer, tokens, targets, layout, plan, transport=transport)
