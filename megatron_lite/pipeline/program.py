@@ -91,27 +91,26 @@ def _consecutive(actions: tuple[Action, ...], lookahead: int) -> tuple[Step, ...
 def consumed_message(plan: PipelinePlan, rank: int, action: Action) -> Message | None:
     """The message a compute action waits for: None on the first (forward) or last (backward) virtual
     stage, and when the neighbouring virtual stage lives on this rank (handed over locally)."""
-    stage = virtual_stage(rank, action.chunk, plan.num_stages)
-    source = stage - 1 if action.kind is F else stage + 1
-    if not 0 <= source < plan.num_virtual_stages:
-        return None
-    source_rank, _ = stage_location(source, plan.num_stages)
-    if source_rank == rank:
-        return None
-    kind = ActionKind.RECV_ACTIVATION if action.kind is F else ActionKind.RECV_GRAD
-    return message_of(plan, rank, Action(kind, action.microbatch, action.chunk, source_rank))
+    return _neighbour_message(plan, rank, action, incoming=True)
 
 
 def produced_message(plan: PipelinePlan, rank: int, action: Action) -> Message | None:
-    stage = virtual_stage(rank, action.chunk, plan.num_stages)
-    target = stage + 1 if action.kind is F else stage - 1
-    if not 0 <= target < plan.num_virtual_stages:
+    """The message a compute action's output leaves as (None where it stays on this rank or ends)."""
+    return _neighbour_message(plan, rank, action, incoming=False)
+
+
+def _neighbour_message(plan: PipelinePlan, rank: int, action: Action, incoming: bool) -> Message | None:
+    forward = action.kind is F
+    step = -1 if forward == incoming else 1  # forwards read from the stage before, write to the next
+    other = virtual_stage(rank, action.chunk, plan.num_stages) + step
+    if not 0 <= other < plan.num_virtual_stages:
         return None
-    target_rank, _ = stage_location(target, plan.num_stages)
-    if target_rank == rank:
+    other_rank, _ = stage_location(other, plan.num_stages)
+    if other_rank == rank:
         return None
-    kind = ActionKind.SEND_ACTIVATION if action.kind is F else ActionKind.SEND_GRAD
-    return message_of(plan, rank, Action(kind, action.microbatch, action.chunk, target_rank))
+    kinds = {(True, True): ActionKind.RECV_ACTIVATION, (True, False): ActionKind.SEND_ACTIVATION,
+             (False, True): ActionKind.RECV_GRAD, (False, False): ActionKind.SEND_GRAD}
+    return message_of(plan, rank, Action(kinds[(forward, incoming)], action.microbatch, action.chunk, other_rank))
 
 
 def _matched(plan: PipelinePlan, forward_cost: float = 1.0, backward_cost: float = 2.0) -> Programs:
