@@ -147,8 +147,6 @@ class ShardSpec:
         return self._padded(self.shard_on("tp"))
 
 
-Placement = ShardSpec
-
 
 def tp_shard(dim: int, tp: CommGroup, num_chunks: int | None = None, padded_size: int | None = None) -> Shard:
     """Cut `dim` over TP (default one piece per rank; fewer: consecutive ranks share a piece)."""

@@ -32,7 +32,7 @@ from torch.autograd import Variable
 
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
-from megatron_lite.pipeline.program import Transfer, build_programs, default_batching, send_completion_points
+from megatron_lite.pipeline.program import Transfer, build_programs, completion_points, default_batching
 from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan, forward_only_plan, virtual_stage
 from megatron_lite.pipeline.transport import Transport, message_of, transport_for_backend
 
@@ -118,7 +118,7 @@ class PipelineExecutor:
         """
         plan = forward_only_plan(self.plan) if forward_only else self.plan
         programs = build_programs(plan, self.batching, self.receive_lookahead)
-        self.completion_points = send_completion_points(plan, programs, self.rank)
+        self.completion_points = completion_points(plan, self.batching, self.receive_lookahead, self.rank)
         self.outputs: dict[int, torch.Tensor] = {}
         state = _InFlight()
         self.loss_scale, self.before_last_backward = loss_scale, before_last_backward

@@ -172,6 +172,12 @@ def _matched(plan: PipelinePlan, forward_cost: float = 1.0, backward_cost: float
         now = min(running)
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of the plan; executors are rebuilt every step
+def completion_points(plan: PipelinePlan, batching: str, receive_lookahead: int, rank: int) -> dict[Message, list[Message]]:
+    """`send_completion_points` of the programs `build_programs` gives for these arguments."""
+    return send_completion_points(plan, build_programs(plan, batching, receive_lookahead), rank)
+
+
 def send_completion_points(plan: PipelinePlan, programs: Programs, rank: int) -> dict[Message, list[Message]]:
     """For each message `rank` receives: its sends known complete once that message has arrived.
 
