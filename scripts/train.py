@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from megatron_lite.parallel.spawn import RankFailure, run_on_ranks
 from megatron_lite.training.config import to_run_config
 from megatron_lite.training.launch import distributed_env, init_from_env, leave_process_group
+from megatron_lite.training.preflight import check_inputs, check_overrides
 from megatron_lite.training.setup import check_run_config, resolve_data_parallel
 from megatron_lite.training.trainer import run_rank, train
 
@@ -27,8 +28,10 @@ _QUIET_HYDRA = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra
 def main(composed: DictConfig) -> None:
     env = distributed_env()
     try:
+        check_overrides(list(HydraConfig.get().overrides.task))
         cfg = resolve_data_parallel(to_run_config(composed), env.world_size if env else None)
         check_run_config(cfg, env.world_size if env else cfg.world_size)
+        check_inputs(cfg)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

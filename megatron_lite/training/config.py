@@ -52,6 +52,7 @@ class ParallelConfig:
     schedule: str = "1f1b"
     virtual_stages: int = 1
     sequence_parallel: bool = False
+    timeout_s: float = 600.0  # a collective that waits longer than this ends the job, naming the silent rank
 
 
 @dataclass
@@ -93,6 +94,7 @@ class TrainerConfig:
     recompute: str = "none"  # none | full | selective
     peak_tflops: float | None = None  # per device, for MFU; null: MFU not reported
     sample_tokens: int = 200  # text generated at the end of the run (0: none)
+    max_skipped_steps: int = 10  # consecutive steps skipped for non-finite gradients before the run stops
     # The failure path, on purpose: this global rank raises after step `crash_after_step` (null: never).
     crash_rank: int | None = None
     crash_after_step: int = 1
@@ -100,10 +102,12 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str | None = "checkpoints"  # null: never save
+    dir: str | None = "checkpoints"  # relative: inside the run's output directory; null: never save
     interval: int = 0  # save every N steps (0: only at the end)
     keep_last: int = 3
-    resume: bool = True  # continue from the latest checkpoint in `dir` if there is one
+    resume: bool = True  # continue this run (a requeue) from its own latest checkpoint in `dir`
+    resume_from: str | None = None  # start from another run's checkpoint directory (its latest good step)
+    step: int | None = None  # with resume_from (or resuming): load this step instead of the latest
 
 
 @dataclass
