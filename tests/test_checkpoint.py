@@ -322,13 +322,17 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     data = os.path.join(bad, "__0_0.distcp")
     with open(data, "r+b") as f:
         f.truncate(os.path.getsize(data) // 2)
-    with pytest.raises(CheckpointError, match="step_00000002 could not be read"):
+    with pytest.raises(CheckpointError, match=r"step_00000002 is unusable: __0_0.distcp: \d+ bytes, \d+ when saved"):
         load_checkpoint(root, chunks, optimizer, layout, step=2)
+    with pytest.raises(CheckpointError, match="step_00000002 could not be read"):  # the reader's own check
+        load_checkpoint(root, chunks, optimizer, layout, step=2, verify=False)
     # damaged index
     with open(os.path.join(bad, ".metadata"), "wb") as f:
         f.write(b"not a pickle")
-    with pytest.raises(CheckpointError, match=r"step_00000002: its index \.metadata is unreadable"):
+    with pytest.raises(CheckpointError, match=r"step_00000002 is unusable: \.metadata: \d+ bytes"):
         load_checkpoint(root, chunks, optimizer, layout, step=2)
+    with pytest.raises(CheckpointError, match=r"step_00000002: its index \.metadata is unreadable"):
+        load_checkpoint(root, chunks, optimizer, layout, step=2, verify=False)
     # model-only checkpoint loaded with an optimizer, and a checkpoint of another model
     save_checkpoint(root, 3, chunks, None, layout, {})
     with pytest.raises(CheckpointError, match="saved without optimizer state"):

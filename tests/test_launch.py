@@ -1,7 +1,9 @@
 """Where a process sits in a job, from torchrun's or srun's environment (the variables as SLURM 22.05
 sets them in a batch script and in an srun task, recorded on the local test cluster)."""
 
-from megatron_lite.training.launch import distributed_env, first_host, port_for_job
+import re
+
+from megatron_lite.training.launch import distributed_env, first_host, port_for_job, run_directory_name
 
 SRUN_TASK = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8",
              "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "gpu[07-08]",
@@ -48,3 +50,10 @@ def test_port_is_the_same_for_a_job_and_differs_between_jobs():
     ports = {port_for_job(str(job), step) for job in range(1000, 1100) for step in ("0", "1")}
     assert len(ports) == 200 and all(20000 <= p < 60000 for p in ports)
     assert port_for_job("77_3") == port_for_job("77_3")
+
+
+def test_a_slurm_job_keeps_its_output_directory_across_requeues():
+    """hydra.run.dir names a SLURM job by its id (a requeue finds its own checkpoints there again) and
+    a local run by its start time."""
+    assert run_directory_name("%Y-%m-%d/%H-%M-%S", {"SLURM_JOB_ID": "4242"}) == "slurm-4242"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", run_directory_name("%Y-%m-%d/%H-%M-%S", {}))

@@ -23,6 +23,13 @@ asks DCP for the boxes it holds under its own layout (its ZeRO-1 range of the op
 whole local shard), read straight into the live tensors, and lets the optimizer rebuild the parameters
 from the master weights (all-gathered over DP under ZeRO-1).
 
+Integrity: each rank records the size and CRC-32 of the data files it wrote (computed while it fsyncs
+them), rank 0 adds the index and meta.json and writes them all to checksums.json before the commit
+rename. A load checks them first (`select_checkpoint`: the newest good step, warning for each one
+skipped). Objects are read with torch.load(weights_only=True) and DCP's index with an unpickler that
+knows only DCP's own classes: a crafted file is refused, nothing of it is run. A save that fails on
+any rank (a full disk) removes its temporary directory and says what failed and the space left.
+
 RNG: resuming on the same layout restores every rank's generators, so dropout continues exactly. The
 dropout streams are per (pipeline stage, DP rank, TP rank), so on another layout they cannot be mapped:
 each generator is then re-seeded from its own seed and the step (deterministic, layout-consistent,
@@ -32,7 +39,11 @@ numbers from it).
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import enum
 import os
+import shutil
 import time
 import uuid
 import warnings
@@ -50,6 +61,7 @@ from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.parallel.sharding import ShardSpec, holds_canonical_copy, spec_of
 
 FORMAT_VERSION = 1
+CHECKSUMS_ENABLED = True  # benchmarks/checkpoint_save.py turns it off to measure what checksums cost
 STATE_FIELDS = ("exp_avg", "exp_avg_sq")
 
 # Test seams: "after_write" runs once this rank's data files are written (before DCP's .metadata),
@@ -178,43 +190,122 @@ def save_checkpoint(root: str, step: int, chunks, optimizer, layout: ParallelLay
     world, rank0 = _world(layout), layout.rank == 0
     if rank0:
         os.makedirs(root, exist_ok=True)
-    token = comm.all_gather_object(uuid.uuid4().hex[:12] if rank0 else None, world)[0]
-    tmp = store.temp_dir(root, step, token)
     objects: dict[str, object] = {_rng_key(layout): _rng_state(chunks, layout)}
     sizes = {"tp": layout.sizes.tp, "pp": layout.sizes.pp, "dp": layout.sizes.dp}
     optimizer_meta = None if optimizer is None else {
         "step": optimizer.steps, "loss_scaler": optimizer.scaler.state_dict() if optimizer.scaler else None,
         "zero1": optimizer.config.zero1}
     meta = {"format": FORMAT_VERSION, "step": step, "layout": sizes, "optimizer": optimizer_meta}
-    if rank0:
-        objects["meta"], objects["extra"] = meta, dict(extra or {})
+    unsaveable = None
+    if rank0:  # plain data only: it is loaded with torch.load(weights_only=True), see dcp_io
+        try:
+            objects["meta"], objects["extra"] = _plain(meta, "meta"), _plain(dict(extra or {}), "extra")
+        except TypeError as err:
+            unsaveable = str(err)
+    token, unsaveable = comm.all_gather_object((uuid.uuid4().hex[:12], unsaveable) if rank0 else None, world)[0]
+    if unsaveable is not None:  # every rank raises, before anything is written
+        raise TypeError(f"checkpoint step {step}: {unsaveable}")
+    tmp = store.temp_dir(root, step, token)
+    # Each rank checksums the data files it wrote (while it fsyncs them); rank 0 adds the index and meta.json.
+    sums, error = {}, None
     try:
         with _quiet_single_process():
-            dcp_io.write_boxes(tmp, _boxes_to_save(chunks, optimizer, layout), objects, TEST_HOOKS.get("after_write"))
+            sums = dcp_io.write_boxes(tmp, _boxes_to_save(chunks, optimizer, layout), objects,
+                                      TEST_HOOKS.get("after_write"), checksums=CHECKSUMS_ENABLED)
     except (Exception, dcp_io.CheckpointException) as err:  # noqa: BLE001 - DCP gathers every rank's errors
-        raise CheckpointError(f"saving checkpoint {tmp} failed: {_first_line(err)}") from err
-    error = None
-    if rank0:
+        error = _failure(err, root)
+    gathered = comm.all_gather_object((error, sums), world)
+    error = next((e for e, _ in gathered if e), None)
+    if rank0 and error is None:
         try:
             store.write_json(os.path.join(tmp, store.META), {
                 **meta, "world_size": layout.world_size, "extra": extra or {}, "torch": torch.__version__,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "model_dtype": str(next((p.param.dtype for p in _params(chunks)), None))})
-        except OSError as err:
-            error = f"{type(err).__name__}: {err}"
+            if CHECKSUMS_ENABLED:
+                files = {name: entry for _, part in gathered for name, entry in part.items()}
+                files.update(store.checksum_files(tmp, [store.DCP_INDEX, store.META]))
+                store.write_json(os.path.join(tmp, store.CHECKSUMS), {"algorithm": "crc32", "files": files})
+        except Exception as err:  # noqa: BLE001 - the other ranks wait for rank 0's outcome below
+            error = f"rank 0: {_failure(err, root)}"
     if "before_commit" in TEST_HOOKS:
         TEST_HOOKS["before_commit"]()
-    comm.barrier()  # every rank's files, DCP's index and meta.json are on disk
+    comm.barrier()  # every rank's files, DCP's index, meta.json and the checksums are on disk
+    committed = False
     if rank0 and error is None:
         try:
             store.commit(root, tmp, step, token, keep_last)
-        except OSError as err:
-            error = f"{type(err).__name__}: {err}"
+            committed = True
+        except Exception as err:  # noqa: BLE001 - the other ranks wait for rank 0's outcome below
+            error = f"rank 0: {_failure(err, root)}"
+    if rank0 and not committed:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind to fail the next one
     error = comm.all_gather_object(error, world)[0]  # rank 0's outcome, so that every rank raises or none
     if error is not None:
-        raise CheckpointError(f"checkpoint {tmp} was written but could not be completed as "
-                              f"{store.step_dir(root, step)}: {error}")
+        raise CheckpointError(_save_failure(root, step, error))
     return store.step_dir(root, step)
+
+
+def _save_failure(root: str, step: int, error: str) -> str:
+    previous = store.latest_step(root)
+    kept = (f"the previous checkpoint (step {previous}) is intact" if previous is not None
+            else "there was no earlier checkpoint")
+    return f"saving checkpoint step {step} to {root} failed: {error}; nothing of it was left behind, {kept}"
+
+
+def _failure(err: BaseException, root: str) -> str:
+    """One line: the root cause, and for a filesystem error the space left where it happened."""
+    line = _first_line(err)
+    # torch's stream writer reports a full disk as a short write ("unexpected pos N vs M"), not ENOSPC
+    short_write = "unexpected pos" in line
+    if isinstance(_cause(err), OSError) or short_write:
+        try:
+            line += f" ({_mib(shutil.disk_usage(root).free)} free on {root})"
+        except OSError:
+            pass
+    if short_write:
+        line = f"a file write came up short, most likely the disk is full: {line}"
+    return line
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+_PLAIN = (str, int, float, bool, bytes, complex, type(None), torch.dtype, torch.Size)
+
+
+def _plain(value, where: str):
+    """`value` as what torch.load(weights_only=True) reads back: dicts, lists, tuples, sets, scalars,
+    strings and tensors (other mappings become dicts, sequences lists, enums their value, paths
+    strings, numpy scalars Python ones); anything else raises TypeError naming where it is (before
+    anything is written)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu() if value.device.type != "cpu" else value.detach()
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, collections.abc.Mapping):  # dict, OrderedDict, a config's mapping type
+        out = {}
+        for key, item in value.items():
+            key = _plain(key, f"{where} key {key!r}")
+            out[key] = _plain(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, (tuple, set, frozenset, collections.abc.Sequence)) and not isinstance(value, (str, bytes)):
+        items = [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        kind = tuple if isinstance(value, tuple) else set if isinstance(value, (set, frozenset)) else list
+        return kind(items)
+    if isinstance(value, enum.Enum):
+        return _plain(value.value, where)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value), where)
+    if isinstance(value, _PLAIN[:6]):  # subclasses: numpy.float64, IntEnum handled above, str subclasses
+        return next(kind(value) for kind in _PLAIN[:6] if isinstance(value, kind))
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:  # numpy.int64, numpy.bool_
+        return value.item()
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}: a checkpoint holds only "
+                    "plain data (dicts, lists, numbers, strings, tensors)")
 
 
 # ----------------------------------------------------------------------------- load
@@ -258,19 +349,94 @@ def _boxes_to_load(chunks, optimizer, layout: ParallelLayout, metadata, path: st
     return reads, targets, state
 
 
-def load_checkpoint(root: str, chunks, optimizer, layout: ParallelLayout, step: int | None = None) -> dict:
-    """Collective: load checkpoint `step` (None: the `latest` one) into this rank's chunks and optimizer
-    (None: the model only), whatever layout saved it; returns the `extra` dict it was saved with.
-    Raises FileNotFoundError when there is no such checkpoint, CheckpointError when it is unusable."""
-    if step is None:  # rank 0 reads the marker, so that every rank loads the same checkpoint
-        step = comm.all_gather_object(store.latest_step(root) if layout.rank == 0 else None, _world(layout))[0]
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {root!r}: no '{store.MARKER}' marker and no complete "
-                                    f"step_* directory")
-    path = store.step_dir(root, step)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist (complete checkpoints under {root!r}: "
-                                f"steps {store.complete_steps(root)})")
+def select_checkpoint(root: str, step: int | None = None, set_aside: bool = False) -> int | None:
+    """The step to load from `root`, on one process, checked against its checksums (`verify_checkpoint`).
+
+    step=None: the step `latest` names if it is usable, else the newest step_* directory that is,
+    warning once (stderr) for each one skipped and why. None when `root` holds no step_* directory at
+    all; CheckpointError, listing every step and what is wrong with it, when none is usable.
+    step=N: N if it is usable, else CheckpointError with the reason and the other steps that pass
+    the checks short of reading their data files.
+    Nothing is deleted: with `set_aside` (the run that owns `root`, holding its lock) a skipped step is
+    renamed step_N.corrupt-TOKEN, out of the way of pruning and of the next save of that step."""
+    steps = store.step_dirs(root)
+    if step is not None:
+        path = store.step_dir(root, step)
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint of step {step} under {root} ({_usable(root, steps)})")
+        reason = store.verify_checkpoint(path)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {path} is unusable: {reason}; "
+                                  f"{_usable(root, [s for s in steps if s != step])}")
+        return step
+    if not steps:
+        return None
+    marked = store.read_marker(root)
+    marker = os.path.join(root, store.MARKER)
+    if marked is None and os.path.lexists(marker):
+        store.warn(f"{marker} does not name a checkpoint (unreadable or garbage): using the newest usable step")
+    elif marked is not None and marked not in steps:
+        store.warn(f"{marker} names step {marked}, which is not there: using the newest usable step")
+        marked = None
+    order = ([marked] if marked is not None else []) + [s for s in reversed(steps) if s != marked]
+    skipped = []
+    for candidate in order:
+        reason = store.verify_checkpoint(store.step_dir(root, candidate))
+        if reason is None:
+            for bad, why in skipped:
+                kept = ""
+                if set_aside:
+                    try:
+                        kept = f"; kept as {os.path.basename(store.set_aside(root, bad, uuid.uuid4().hex[:12]))}"
+                    except OSError as err:
+                        kept = f"; could not be set aside ({type(err).__name__}: {err})"
+                store.warn(f"checkpoint {os.path.basename(store.step_dir(root, bad))} under {root} is unusable "
+                           f"({why}): falling back to {os.path.basename(store.step_dir(root, candidate))}{kept}")
+            return candidate
+        skipped.append((candidate, reason))
+    raise CheckpointError(f"no usable checkpoint under {root}: " + "; ".join(
+        f"{os.path.basename(store.step_dir(root, bad))}: {why}" for bad, why in sorted(skipped, reverse=True)))
+
+
+def _usable(root: str, steps: list[int]) -> str:
+    """For an error message: the steps that pass the checks short of reading their data files (complete,
+    sizes as saved, index and meta.json checksums), so that naming them costs no full read of each."""
+    good = [s for s in steps if store.verify_checkpoint(store.step_dir(root, s), contents=False) is None]
+    return f"steps there that pass the quick checks (data files not read): {good or 'none'}"
+
+
+def load_checkpoint(root: str, chunks, optimizer, layout: ParallelLayout, step: int | None = None,
+                    verify: bool = True) -> dict:
+    """Collective: load checkpoint `step` into this rank's chunks and optimizer (None: the model only),
+    whatever layout saved it; returns the `extra` dict it was saved with. step=None: the newest usable
+    one (`select_checkpoint`: rank 0 chooses, checking checksums, and tells every rank; always
+    verified). With `verify` rank 0 checks an explicit `step` against its checksums before any rank
+    reads it (False: the caller already did, e.g. the launcher's resume plan). Raises FileNotFoundError
+    when there is no such checkpoint, CheckpointError on every rank together when it is unusable."""
+    outcome = None
+    if layout.rank == 0:
+        try:
+            if step is not None and not os.path.isdir(store.step_dir(root, step)):
+                raise FileNotFoundError(f"checkpoint {store.step_dir(root, step)!r} does not exist (steps under "
+                                        f"{root!r}: {store.step_dirs(root)})")
+            if step is None:
+                chosen = select_checkpoint(root)
+                if chosen is None:
+                    raise FileNotFoundError(f"no checkpoint under {root!r}: no step_* directory")
+            else:
+                chosen = select_checkpoint(root, step) if verify else step
+            if verify and not store.has_checksums(store.step_dir(root, chosen)):
+                store.warn(f"checkpoint {store.step_dir(root, chosen)} has no {store.CHECKSUMS} (saved before "
+                           "checksums were recorded): loading it unverified")
+            outcome = ("ok", chosen)
+        except (CheckpointError, FileNotFoundError) as err:
+            outcome = (type(err).__name__, str(err))
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, none left waiting below
+            outcome = ("CheckpointError", f"choosing a checkpoint under {root} failed: {_first_line(err)}")
+    status, value = comm.all_gather_object(outcome, _world(layout))[0]
+    if status != "ok":
+        raise (FileNotFoundError if status == "FileNotFoundError" else CheckpointError)(value)
+    step, path = value, store.step_dir(root, value)  # what each rank finds there is checked together in _load
     with torch.no_grad():
         extra, restored, saved_layout = _load(path, step, chunks, optimizer, layout)
     if not restored and layout.rank == 0:
@@ -287,6 +453,8 @@ def _load(path: str, step: int, chunks, optimizer, layout: ParallelLayout):
             raise CheckpointError(f"checkpoint {path} is incomplete: no {store.DCP_INDEX} or {store.META}")
         try:
             metadata = dcp_io.read_metadata(path)
+        except dcp_io.UnsafeCheckpoint as err:
+            raise CheckpointError(f"checkpoint {path}: {store.DCP_INDEX} {err}") from None
         except Exception as err:  # noqa: BLE001 - any unpickling error means a damaged index
             raise CheckpointError(f"checkpoint {path}: its index {store.DCP_INDEX} is unreadable "
                                   f"({type(err).__name__}: {err})") from err
@@ -312,6 +480,8 @@ def _load(path: str, step: int, chunks, optimizer, layout: ParallelLayout):
         with _quiet_single_process():
             loaded = dcp_io.read_boxes(path, reads, objects)
     except (Exception, dcp_io.CheckpointException) as err:  # noqa: BLE001 - DCP gathers every rank's read errors
+        if isinstance(_cause(err), dcp_io.UnsafeCheckpoint):
+            raise CheckpointError(f"checkpoint {path}: {_cause(err)}") from None
         raise CheckpointError(f"checkpoint {path} could not be read (a truncated or corrupt data file?): "
                               f"{_first_line(err)}") from err
     meta = loaded["meta"]
@@ -321,6 +491,16 @@ def _load(path: str, step: int, chunks, optimizer, layout: ParallelLayout):
         optimizer.load_state_dict(state)  # parameters from master weights, ZeRO-1 gather over DP
     restored = _restore_rng(chunks, layout, loaded.get(rng_key), step)
     return loaded["extra"], restored, meta["layout"]
+
+
+def _cause(err: BaseException) -> BaseException:
+    """For DCP's gathered exception, the first failing rank's error; else `err` itself."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = failures[min(failures)]
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        return cause if isinstance(cause, BaseException) else err
+    return err
 
 
 def _first_line(err: BaseException) -> str:
@@ -334,5 +514,6 @@ def _first_line(err: BaseException) -> str:
 
 
 def latest_step(root: str) -> int | None:
-    """The step of the newest complete checkpoint under `root` (the `latest` marker), or None."""
+    """The step of the newest complete checkpoint under `root` (the `latest` marker), or None; not
+    verified (see `select_checkpoint`)."""
     return store.latest_step(root)

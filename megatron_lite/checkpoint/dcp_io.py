@@ -12,8 +12,12 @@ saved chunks of every tensor tile it exactly (no overlap, no gap), `.metadata`, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import math
+import os
+import pickle
+import re
 from collections.abc import Callable
 
 import torch
@@ -25,6 +29,7 @@ from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
+    StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
 )
@@ -40,6 +45,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_lite.checkpoint.boxes import Box
+from megatron_lite.checkpoint.store import file_checksum
 
 
 class _BoxSavePlanner(DefaultSavePlanner):
@@ -98,7 +104,16 @@ class _BoxLoadPlanner(DefaultLoadPlanner):
         return LoadPlan(reads)
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        self.objects[read_item.dest_index.fqn] = torch.load(value, weights_only=False)
+        # weights_only: tensors and plain containers only (checkpoint.py saves nothing else); a pickle
+        # that asks for any other global (os.system, a class of ours) is refused, nothing of it is run.
+        fqn = read_item.dest_index.fqn
+        try:
+            self.objects[fqn] = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            what = f"asks to load {found.group(1)}" if found else f"holds more than plain data ({_line(err)})"
+            raise UnsafeCheckpoint(f"object {fqn!r} {what}, which a checkpoint never contains: refusing to load "
+                                   "it (a crafted or foreign file)") from None
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         box = self._tensors[read_item.dest_index.fqn][read_item.dest_index.index]
@@ -111,38 +126,118 @@ class _BoxLoadPlanner(DefaultLoadPlanner):
         pass  # resolve_tensor handed out a view of the destination: DCP copied into it in place
 
 
-class _Writer(dcp.FileSystemWriter):
-    """FileSystemWriter that calls `after_write` once this rank's files are written (a test seam for
-    dying in the middle of a save: data files there, `.metadata` not yet)."""
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file asks the unpickler for something a checkpoint never holds (a crafted file)."""
 
-    def __init__(self, path: str, after_write: Callable[[], None] | None):
-        super().__init__(path, single_file_per_rank=True, sync_files=True, overwrite=True)
-        self._after_write = after_write
+
+def _line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:300]
+
+
+# What DCP's `.metadata` (a pickle of its Metadata dataclass) asks the unpickler for, found by saving
+# fp32, bf16 and fp16 checkpoints with this torch and logging find_class: DCP's dataclasses and its
+# memory-format enum, the _StorageInfo of each chunk, torch.Size, dtypes, the layout lookup of
+# TensorProperties, the pathlib type of the storage path. Anything else (os.system, builtins.eval,
+# a constructor with side effects) is refused before it is called.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # maps a layout's name ("torch.strided") to the torch.layout
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "pathlib._local": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # Python 3.13
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        constant = getattr(torch, name, None) if module == "torch" else None
+        if isinstance(constant, (torch.dtype, torch.layout, torch.memory_format)):  # torch.float32, torch.strided
+            return constant
+        raise UnsafeCheckpoint(f"asks to load {module}.{name}, which a checkpoint index never contains: refusing to "
+                               "load it (a crafted or foreign file)")
+
+
+class _Reader(dcp.FileSystemReader):
+    """FileSystemReader whose index is read by the restricted unpickler above."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpoint(f"holds a {type(metadata).__name__}, not DCP metadata: refusing to load it")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _Writer(dcp.FileSystemWriter):
+    """FileSystemWriter that makes this rank's data files durable itself and checksums them meanwhile:
+    DCP's own fsync is off; once the files are written, a thread computes each file's CRC-32 (from the
+    page cache) while this thread fsyncs it, so the checksum costs little more than the fsync that a
+    save pays anyway. Then it calls `after_write` (a test seam for dying, or failing, in the middle of
+    a save: data files there, `.metadata` not yet). Errors of either reach DCP, which reports them
+    to every rank."""
+
+    def __init__(self, path: str, after_write: Callable[[], None] | None, checksums: bool):
+        super().__init__(path, single_file_per_rank=True, sync_files=False, overwrite=True)
+        self._after_write, self._checksums = after_write, checksums
+        self.checksums: dict[str, dict] = {}
 
     def write_data(self, plan, planner):
         future = super().write_data(plan, planner)
-        future.wait()
+        results = future.wait()
+        names = sorted({os.fspath(r.storage_data.relative_path) for r in results})
+        self.checksums = sync_and_checksum(os.fspath(self.path), names, self._checksums)
         if self._after_write is not None:
             self._after_write()
         return future
 
+    def finish(self, metadata: Metadata, results) -> None:
+        super().finish(metadata, results)  # the coordinator writes .metadata (tmp name, then renamed)
+        sync_and_checksum(os.fspath(self.path), [".metadata"], False)
+
+
+def sync_and_checksum(directory: str, names: list[str], checksums: bool) -> dict[str, dict]:
+    """fsync each file; with `checksums`, their sizes and CRC-32s, computed by a thread meanwhile."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        sums = {name: pool.submit(file_checksum, os.path.join(directory, name)) for name in names} if checksums else {}
+        for name in names:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return {name: future.result() for name, future in sums.items()}
+
 
 def write_boxes(path: str, tensors: dict[str, tuple[tuple[int, ...], list[Box]]], objects: dict[str, object],
-                after_write: Callable[[], None] | None = None) -> None:
-    """Collective: every rank writes its boxes (fqn -> (global shape, boxes)) and picklable objects.
-    Over all ranks, the boxes of each fqn must tile its global shape exactly (DCP checks it)."""
-    dcp.save({}, storage_writer=_Writer(path, after_write), planner=_BoxSavePlanner(tensors, objects))
+                after_write: Callable[[], None] | None = None, checksums: bool = True) -> dict[str, dict]:
+    """Collective: every rank writes its boxes (fqn -> (global shape, boxes)) and picklable objects,
+    fsync'ed. Over all ranks, the boxes of each fqn must tile its global shape exactly (DCP checks it).
+    Returns {file name: {"size", "crc32"}} of the data files this rank wrote (empty without `checksums`)."""
+    writer = _Writer(path, after_write, checksums)
+    dcp.save({}, storage_writer=writer, planner=_BoxSavePlanner(tensors, objects))
+    return writer.checksums
 
 
 def read_metadata(path: str) -> Metadata:
-    return dcp.FileSystemReader(path).read_metadata()
+    return _Reader(path).read_metadata()
 
 
 def read_boxes(path: str, tensors: dict[str, list[Box]], objects: list[str]) -> dict[str, object]:
     """Collective: fill each box (a view of live data) from the saved chunks that overlap it, whatever
     layout wrote them; returns the requested objects."""
     planner = _BoxLoadPlanner(tensors, objects)
-    dcp.load({}, storage_reader=dcp.FileSystemReader(path), planner=planner)
+    dcp.load({}, storage_reader=_Reader(path), planner=planner)
     return planner.objects
 
 

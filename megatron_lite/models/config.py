@@ -39,7 +39,19 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
+        for name in ("num_kv_heads", "ffn_hidden_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1, or null for the default "
+                                 f"({'as many as model.num_heads' if name == 'num_kv_heads' else '4 x hidden_size'})")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"model.{name}={value} must be a finite number > 0")
+        if self.vocab_pad_multiple < 1:
+            raise ValueError(f"model.vocab_pad_multiple={self.vocab_pad_multiple} must be >= 1 (1: no padding)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
         if self.num_heads % self.kv_heads:
@@ -52,7 +64,7 @@ class ModelConfig:
 
     @property
     def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
     def head_dim(self) -> int:
@@ -60,7 +72,7 @@ class ModelConfig:
 
     @property
     def ffn_size(self) -> int:
-        return self.ffn_hidden_size or 4 * self.hidden_size
+        return 4 * self.hidden_size if self.ffn_hidden_size is None else self.ffn_hidden_size
 
     def with_(self, **changes) -> "ModelConfig":
         return replace(self, **changes)

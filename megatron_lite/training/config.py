@@ -226,6 +226,60 @@ def check_values(cfg: RunConfig) -> None:
         raise ValueError("data.tokenizer=hf needs data.tokenizer_path (a tokenizers JSON file)")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ValueError(f"optim.grad_clip={cfg.optim.grad_clip} must be > 0, or null for no clipping")
+    _check_ranges(cfg)
+
+
+def _in_range(key: str, value, low=None, high=None, low_open=False, high_open=False, allowed: str = "") -> None:
+    ok = value == value and value not in (float("inf"), float("-inf"))  # not NaN, not infinite
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        raise ValueError(f"{key}={value} is out of range: {allowed}")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Numeric keys with a range (allowed sets and layouts are checked above)."""
+    o, t, p, c, d = cfg.optim, cfg.trainer, cfg.parallel, cfg.checkpoint, cfg.data
+    _in_range("optim.beta1", o.beta1, 0.0, 1.0, high_open=True, allowed="needs 0 <= beta1 < 1 (e.g. 0.9)")
+    _in_range("optim.beta2", o.beta2, 0.0, 1.0, high_open=True, allowed="needs 0 <= beta2 < 1 (e.g. 0.95)")
+    _in_range("optim.eps", o.eps, 0.0, low_open=True, allowed="needs eps > 0 (e.g. 1e-8)")
+    _in_range("optim.weight_decay", o.weight_decay, 0.0, allowed="needs weight_decay >= 0 (0: none)")
+    _in_range("optim.warmup_steps", o.warmup_steps, 0, allowed="needs warmup_steps >= 0 (0: no warmup)")
+    _in_range("optim.lr", o.lr, 0.0, low_open=True, allowed="needs a finite lr > 0")
+    _in_range("optim.min_lr", o.min_lr, 0.0, o.lr, allowed=f"needs 0 <= min_lr <= optim.lr={o.lr}")
+    if o.grad_clip is not None:
+        _in_range("optim.grad_clip", o.grad_clip, 0.0, low_open=True,
+                  allowed="needs a finite grad_clip > 0, or null for no clipping")
+    _in_range("optim.bucket_size_mb", o.bucket_size_mb, 0.0, low_open=True,
+              allowed="needs bucket_size_mb > 0 (MiB of gradients per reduction, e.g. 25)")
+    if t.peak_tflops is not None:
+        _in_range("trainer.peak_tflops", t.peak_tflops, 0.0, low_open=True,
+                  allowed="needs peak_tflops > 0 (the device's peak, e.g. 989 for an H100 in bf16), or null")
+    _in_range("trainer.sample_tokens", t.sample_tokens, 0, allowed="needs sample_tokens >= 0 (0: no sample)")
+    _in_range("trainer.max_skipped_steps", t.max_skipped_steps, 1,
+              allowed="needs max_skipped_steps >= 1 (consecutive skipped steps before the run stops)")
+    _in_range("trainer.crash_after_step", t.crash_after_step, 1, allowed="needs crash_after_step >= 1")
+    if t.crash_rank is not None and p.dp is not None:
+        _in_range("trainer.crash_rank", t.crash_rank, 0, cfg.world_size - 1,
+                  allowed=f"needs a global rank in [0, {cfg.world_size - 1}], or null")
+    _in_range("parallel.timeout_s", p.timeout_s, 0.0, low_open=True,
+              allowed="needs timeout_s > 0 (seconds a collective may wait, e.g. 600)")
+    _in_range("seed", cfg.seed, 0, 2**32 - 1, allowed=f"needs 0 <= seed <= {2**32 - 1}")
+    if c.step is not None:
+        _in_range("checkpoint.step", c.step, 0, allowed="needs step >= 0, or null for the newest good one")
+    for i, weight in enumerate(d.train_weights):
+        _in_range(f"data.train_weights[{i}]", weight, 0.0, allowed="needs weights >= 0")
+    if d.train_weights and sum(d.train_weights) <= 0:
+        raise ValueError(f"data.train_weights={list(d.train_weights)} sum to {sum(d.train_weights)}: at least one "
+                         "weight must be > 0")
+    ignored = [f"data.{k}={getattr(d, k)}" for k in ("train_prefixes", "train_weights", "validation_prefix")
+               if getattr(d, k)]
+    if d.name == "shakespeare" and ignored:
+        raise ValueError(f"{', '.join(ignored)}: read only with data=indexed (data.name=shakespeare trains on the "
+                         "embedded corpus and would ignore it); add data=indexed, or drop it")
+    if d.tokenizer_path and d.tokenizer != "hf":
+        raise ValueError(f"data.tokenizer_path={d.tokenizer_path} is read only with data.tokenizer=hf (the "
+                         f"{d.tokenizer} tokenizer needs no file): add data.tokenizer=hf, or drop it")
 
 
 def model_preset(name: str, **overrides) -> ModelConfig:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
@@ -91,6 +92,19 @@ def init_from_env(env: DistributedEnv, timeout_s: float = 600.0) -> None:
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=env.rank,
                             world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def run_directory_name(time_format: str, environ=os.environ) -> str:
+    """The run's output directory name (conf/config.yaml, hydra.run.dir): `slurm-<job id>` inside a
+    SLURM job, so that a requeued job finds its own checkpoints again; the start time otherwise."""
+    job = environ.get("SLURM_JOB_ID")
+    return f"slurm-{job}" if job else datetime.datetime.now().strftime(time_format)
+
+
+def register_resolvers() -> None:
+    """`${run_dir_name:FORMAT}` for the Hydra config; call before Hydra composes it."""
+    if not OmegaConf.has_resolver("run_dir_name"):
+        OmegaConf.register_new_resolver("run_dir_name", run_directory_name, use_cache=True)
 
 
 def leave_process_group() -> None:

@@ -185,8 +185,8 @@ class MetricsLogger:
         # console="off": wandb would otherwise wrap stdout/stderr (and copy every line into the run);
         # the run's own console lines already reach the job's log.
         with _scrubbed_sys_argv():
-            return wandb.init(mode=settings.mode, project=settings.project, name=settings.name,
-                              tags=list(settings.tags) or None, entity=settings.entity, group=settings.group,
+            return wandb.init(mode=settings.mode, project=settings.project, name=scrub_secrets(settings.name),
+                              tags=scrub_secrets(list(settings.tags)) or None, entity=settings.entity, group=settings.group,
                               config=config, dir=settings.dir, settings=wandb.Settings(console="off"))
 
     @property
@@ -235,7 +235,12 @@ class MetricsLogger:
         self.finish(exit_code=0 if exc_type is None else 1)
 
 
+_ALWAYS_SHOWN = ("loss", "grad_norm", "perplexity")
+
+
 def _fmt(name: str, value: float, brief: bool) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # nan, inf, -inf
     if name == "loss":
         return f"{value:.4f}"
     if name == "lr":
@@ -258,13 +263,15 @@ _BRIEF = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 
 def format_metrics(metrics: Mapping[str, Any], brief: bool = False) -> str:
     """'loss 2.3456 | lr 3.00e-03 | gnorm 0.512 | tok/s 12,345 | ...' from the scalar metrics; the
-    train/ and perf/ prefixes are dropped, others (val/) kept; non-scalars (dicts) are skipped."""
+    train/ and perf/ prefixes are dropped, others (val/) kept; non-scalars (dicts) are skipped, and so
+    are NaNs (metrics not measured) except those of the model (loss, grad norm), shown as nan/inf."""
     parts = []
     for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(value, float) and math.isnan(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         name = key.split("/")[-1]
+        if isinstance(value, float) and math.isnan(value) and name not in _ALWAYS_SHOWN:
+            continue
         if brief and (name not in _BRIEF or key.startswith("val/")):
             continue
         label = key.removeprefix("train/").removeprefix("perf/")
