@@ -185,7 +185,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args, timeout_s: floa
 
 # Errors a healthy rank raises only because a peer died or stopped: reported after the peer's own failure.
 _SECONDARY_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket Timeout",
-                     "Timed out waiting", "timed out", "Timeout")
+                     "Timed out waiting", "timed out", "Timeout", "caused pair closure")
 _GRACE_S = 2.0
 
 
@@ -234,7 +234,8 @@ def _collect(procs, results, world_size, timeout_s, collective_timeout_s):
             values[rank] = torch.load(io.BytesIO(payload), weights_only=False)  # from our own child: trusted
             last_done_at = time.monotonic()
     silent = [r for r in range(world_size) if r not in values and r not in failures]
-    if silent and (not failures or all(_secondary(m) for m in failures.values())):
+    stopped = any(_process_state(procs[r].pid).startswith("stopped") for r in silent)
+    if silent and (not failures or stopped or all(_secondary(m) for m in failures.values())):
         for rank in silent:
             failures[rank] = (f"rank {rank} stopped responding: no result and no error while "
                               + (f"ranks {sorted(failures)} timed out waiting for it" if failures else
@@ -247,8 +248,10 @@ def _collect(procs, results, world_size, timeout_s, collective_timeout_s):
 
 
 def _root_cause_first(failures: dict[int, str]) -> str:
-    ordered = sorted(failures.items(), key=lambda item: (_secondary(item[1]) and "stopped responding" not in item[1],
-                                                         item[0]))
+    def rank_of_blame(item):  # a silent rank first, then real errors, then errors caused by a dead peer
+        return (0 if "stopped responding" in item[1] else 2 if _secondary(item[1]) else 1), item[0]
+
+    ordered = sorted(failures.items(), key=rank_of_blame)
     first_rank, first = ordered[0]
     same = [rank for rank, message in ordered[1:] if message.split("\n", 1)[-1] == first.split("\n", 1)[-1]]
     others = [rank for rank, _ in ordered[1:] if rank not in same]
