@@ -26,7 +26,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from megatron_lite.checkpoint import CheckpointError, select_checkpoint
+from megatron_lite.checkpoint import select_checkpoint
 from megatron_lite.checkpoint import store
 
 OWNER = "run.json"
@@ -44,12 +44,6 @@ class ResumePlan:
     load_dir: str | None = None
     load_step: int | None = None
     source: str = "fresh"
-
-    def describe(self) -> str:
-        if self.load_step is None:
-            return "starting from step 0" + (f", checkpoints in {self.save_dir}" if self.save_dir else "")
-        origin = "its own checkpoint" if self.source == "own" else f"checkpoint.resume_from={self.load_dir}"
-        return f"resuming from {origin} at step {self.load_step}"
 
 
 def run_identity(run_dir: str | None, environ=os.environ) -> str:
@@ -125,12 +119,6 @@ def _write_owner(directory: str, run_id: str) -> None:
     os.replace(os.path.join(directory, OWNER) + ".tmp", os.path.join(directory, OWNER))
 
 
-def _step_dirs(directory: str) -> list[str]:
-    if not os.path.isdir(directory):
-        return []
-    return sorted(name for name in os.listdir(directory) if store.STEP_DIR.match(name))
-
-
 def saved_model_config(directory: str, step: int) -> dict | None:
     """The `model` section of the run config saved with a checkpoint (None if it has none)."""
     try:
@@ -164,60 +152,58 @@ def _check_same_model(directory: str, step: int, model: dict, how_to_proceed: st
                          + "; ".join(diffs) + f"); {how_to_proceed}")
 
 
-def plan_resume(cfg, run_dir: str | None, environ=os.environ, lock: bool = True) -> tuple[ResumePlan, DirectoryLock | None]:
+def plan_resume(cfg, run_dir: str | None, environ=os.environ) -> tuple[ResumePlan, DirectoryLock | None]:
     """Decide, from the filesystem only, where this run saves and what it loads; takes the directory's
     lock (returned: keep it for the job's lifetime). Raises ValueError (bad request, another run's or
     a live job's directory, another model) or CheckpointError (nothing usable) with what to do."""
-    ckpt, run_id = cfg.checkpoint, run_identity(run_dir, environ)
-    model = dataclasses.asdict(cfg.model)
-    save_dir = checkpoint_dir(ckpt.dir, run_dir)
+    save_dir = checkpoint_dir(cfg.checkpoint.dir, run_dir)
     held = None
-    own_step = None
     if save_dir is not None:
         os.makedirs(save_dir, exist_ok=True)
-        held = DirectoryLock(save_dir).acquire() if lock else None
-        try:
-            own_step = _own_checkpoint(save_dir, run_id, ckpt)
-            if (read_owner(save_dir) or {}).get("run_id") != run_id:
-                _write_owner(save_dir, run_id)
-        except BaseException:
-            if held is not None:
-                held.release()
-            raise
+        held = DirectoryLock(save_dir).acquire()
     try:
-        if own_step is not None:
-            _check_same_model(save_dir, own_step, model,
-                              "set the model back to the checkpoint's values, or start a new run (another output "
-                              "directory or checkpoint.dir)")
-            return ResumePlan(run_id, save_dir, save_dir, own_step, "own"), held
-        if ckpt.resume_from:
-            source = os.path.abspath(os.path.expanduser(ckpt.resume_from))
-            if save_dir is not None and source == save_dir:
-                raise ValueError(f"checkpoint.resume_from={ckpt.resume_from} is this run's own checkpoint.dir; "
-                                 "drop checkpoint.resume_from (a run resumes from its own checkpoints by itself)")
-            step = select_checkpoint(source, ckpt.step)
-            if step is None:
-                raise ValueError(f"checkpoint.resume_from={ckpt.resume_from} holds no checkpoint (no step_* "
-                                 "directory); point it at the checkpoint.dir of the run to continue")
-            _check_same_model(source, step, model,
-                              "set this run's model to the checkpoint's values, or drop checkpoint.resume_from")
-            return ResumePlan(run_id, save_dir, source, step, "resume_from"), held
-        if ckpt.step is not None:
-            raise ValueError(f"checkpoint.step={ckpt.step} but there is nothing to load: this run has no "
-                             "checkpoints of its own; add checkpoint.resume_from=DIR to start from another run's")
-        return ResumePlan(run_id, save_dir), held
+        return _plan(cfg, run_identity(run_dir, environ), save_dir), held
     except BaseException:
         if held is not None:
             held.release()
         raise
 
 
+def _plan(cfg, run_id: str, save_dir: str | None) -> ResumePlan:
+    ckpt, model = cfg.checkpoint, dataclasses.asdict(cfg.model)
+    if save_dir is not None:
+        own_step = _own_checkpoint(save_dir, run_id, ckpt)
+        if (read_owner(save_dir) or {}).get("run_id") != run_id:
+            _write_owner(save_dir, run_id)
+        if own_step is not None:
+            _check_same_model(save_dir, own_step, model,
+                              "set the model back to the checkpoint's values, or start a new run (another output "
+                              "directory or checkpoint.dir)")
+            return ResumePlan(run_id, save_dir, save_dir, own_step, "own")
+    if ckpt.resume_from:
+        source = os.path.abspath(os.path.expanduser(ckpt.resume_from))
+        if source == save_dir:
+            raise ValueError(f"checkpoint.resume_from={ckpt.resume_from} is this run's own checkpoint.dir; "
+                             "drop checkpoint.resume_from (a run resumes from its own checkpoints by itself)")
+        step = select_checkpoint(source, ckpt.step)
+        if step is None:
+            raise ValueError(f"checkpoint.resume_from={ckpt.resume_from} holds no checkpoint (no step_* "
+                             "directory); point it at the checkpoint.dir of the run to continue")
+        _check_same_model(source, step, model,
+                          "set this run's model to the checkpoint's values, or drop checkpoint.resume_from")
+        return ResumePlan(run_id, save_dir, source, step, "resume_from")
+    if ckpt.step is not None:
+        raise ValueError(f"checkpoint.step={ckpt.step} but there is nothing to load: this run has no "
+                         "checkpoints of its own; add checkpoint.resume_from=DIR to start from another run's")
+    return ResumePlan(run_id, save_dir)
+
+
 def _own_checkpoint(save_dir: str, run_id: str, ckpt) -> int | None:
     """The step of this run's own checkpoint to continue from (None: none); refuses another run's."""
-    steps = _step_dirs(save_dir)
-    owner = read_owner(save_dir)
+    steps = store.step_dirs(save_dir)
     if not steps:
         return None  # nothing to lose: an empty directory, or only leftovers of killed saves
+    owner = read_owner(save_dir)
     if owner is None or owner.get("run_id") != run_id:
         who = (f"run {owner.get('run_id')} (started {owner.get('created')} on {owner.get('host')})" if owner
                else "another run (no owner record)")
@@ -225,11 +211,8 @@ def _own_checkpoint(save_dir: str, run_id: str, ckpt) -> int | None:
                          f"them. To continue that run, start with checkpoint.resume_from={save_dir} (and a "
                          "checkpoint.dir of its own, e.g. the default); to start fresh, choose another checkpoint.dir")
     if not ckpt.resume:
-        raise ValueError(f"checkpoint.dir={save_dir} already holds checkpoints of this run ({', '.join(steps)}); "
+        raise ValueError(f"checkpoint.dir={save_dir} already holds checkpoints of this run (steps {steps}); "
                          "checkpoint.resume=false would write over them: resume (checkpoint.resume=true), or start "
                          "a new run in another directory")
-    step = select_checkpoint(save_dir, None if ckpt.resume_from else ckpt.step, set_aside=True)  # a requeue of a resume_from run
-
-    if step is None:
-        raise CheckpointError(f"checkpoint.dir={save_dir}: no usable checkpoint among {steps}")
-    return step
+    # checkpoint.step picks among the run's own steps, unless it was meant for resume_from (its first launch)
+    return select_checkpoint(save_dir, None if ckpt.resume_from else ckpt.step, set_aside=True)

@@ -92,6 +92,10 @@ def _loop(cfg, plan, layout, data, trainable, pipeline, sampler, logger, timer, 
     flops_per_token = model_flops_per_token(cfg.model_config(), cfg.trainer.seq_length)
     peak_flops = cfg.trainer.peak_tflops * 1e12 if cfg.trainer.peak_tflops else None
     done, loss, skipped_in_a_row = start_step, float("nan"), 0
+
+    def save() -> bool:
+        return _save(cfg, plan, done, chunks, optimizer, layout, sampler, logger, loss, skipped_in_a_row > 0)
+
     for step, indices in zip(range(start_step, cfg.trainer.max_steps), sampler):
         lr = cosine_lr(step, cfg)
         trainable.set_lr(lr)
@@ -122,12 +126,12 @@ def _loop(cfg, plan, layout, data, trainable, pipeline, sampler, logger, timer, 
         if done < cfg.trainer.max_steps and stop.agreed(layout):
             history["preempted"] = True
             if save_dir:
-                history["saved"] = _save(cfg, plan, done, chunks, optimizer, layout, sampler, logger, loss, skipped_in_a_row > 0)
+                history["saved"] = save()
             return
         if save_dir and ckpt.interval and done % ckpt.interval == 0 and done < cfg.trainer.max_steps:
-            _save(cfg, plan, done, chunks, optimizer, layout, sampler, logger, loss, skipped_in_a_row > 0)
+            save()
     if save_dir and done > start_step:
-        _save(cfg, plan, done, chunks, optimizer, layout, sampler, logger, loss, skipped_in_a_row > 0)
+        save()
 
 
 def decide_resume(cfg: RunConfig, layout, output_dir: str | None, plan: ResumePlan | None):
