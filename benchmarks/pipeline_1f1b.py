@@ -82,7 +82,7 @@ def build_ours(rank: int, world: int, tied: bool) -> dict:
     from megatron_lite.pipeline.schedules import build_schedule
     from megatron_lite.training.step import train_step
 
-    layout = ParallelLayout.from_mesh(ParallelSizes(pp=world))
+    layout = ParallelLayout.from_mesh(ParallelSizes(pp=world), retain_host_memory=True)
     cfg = gpt2_config(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
                       max_seq_len=SEQ, tie_embeddings=tied)
     chunks = build_model_chunks(cfg, layout, SEED)

@@ -94,7 +94,7 @@ def build_ours(rank: int, world: int, tp: int, zero1: bool) -> dict:
     from megatron_lite.pipeline.schedules import build_schedule
     from megatron_lite.training.step import train_step
 
-    layout = ParallelLayout.from_mesh(ParallelSizes(tp=tp, dp=world // tp))
+    layout = ParallelLayout.from_mesh(ParallelSizes(tp=tp, dp=world // tp), retain_host_memory=True)
     chunks = build_model_chunks(_gpt2_config(), layout, SEED)
     optimizer = build_optimizer(chunks, layout, OptimizerConfig(lr=LR, weight_decay=WEIGHT_DECAY, zero1=zero1,
                                                                 bucket_size_mb=BUCKET_MB))
@@ -119,7 +119,7 @@ def build_deepspeed(rank: int, world: int, stage: int) -> dict:
     from megatron_lite.models.partition import build_model_chunks
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated collective names
-    layout = ParallelLayout.from_mesh(ParallelSizes(dp=world))
+    layout = ParallelLayout.from_mesh(ParallelSizes(dp=world), retain_host_memory=True)
     chunks = build_model_chunks(_gpt2_config(), layout, SEED)
     engine = build_deepspeed_engine(chunks, layout, OptimizerConfig(lr=LR, weight_decay=WEIGHT_DECAY,
                                                                     bucket_size_mb=BUCKET_MB),

@@ -14,9 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from megatron_lite.checkpoint import CheckpointError
+from megatron_lite.parallel.device import choose_device, visible_gpus
 from megatron_lite.parallel.spawn import RankFailure, run_on_ranks
 from megatron_lite.training.config import to_run_config
-from megatron_lite.training.launch import distributed_env, init_from_env, leave_process_group, register_resolvers
+from megatron_lite.training.launch import (distributed_env, init_from_env, leave_process_group, ranks_on_this_node,
+                                           register_resolvers)
 from megatron_lite.training.preflight import check_inputs, check_overrides, scrub_hydra_output
 from megatron_lite.training.resume import plan_resume
 from megatron_lite.training.setup import check_run_config, resolve_data_parallel
@@ -42,13 +44,17 @@ def main(composed: DictConfig) -> None:
         cfg = resolve_data_parallel(to_run_config(composed), env.world_size if env else None)
         check_run_config(cfg, env.world_size if env else cfg.world_size)
         check_inputs(cfg)
+        ranks_here = ranks_on_this_node(env) if env else cfg.world_size
+        device = choose_device(cfg.parallel.device, ranks_here, visible_gpus())
     except ValueError as err:
         _fail(str(err), 2)
+    if device.note and (not env or env.local_rank == 0):
+        print(f"warning: {device.note}", file=sys.stderr)
     output_dir = HydraConfig.get().runtime.output_dir if not env or env.rank == 0 else None
     if output_dir:
         scrub_hydra_output(output_dir)
     if env:  # torchrun / srun: rank 0 decides what every rank resumes from (trainer.decide_resume)
-        init_from_env(env, timeout_s=cfg.parallel.timeout_s)
+        init_from_env(env, timeout_s=cfg.parallel.timeout_s, device=cfg.parallel.device)
         try:
             train(cfg, output_dir)
         except RunStopped as err:
@@ -65,7 +71,7 @@ def main(composed: DictConfig) -> None:
         if cfg.world_size == 1:
             train(cfg, output_dir, plan)
         else:
-            run_on_ranks(run_rank, cfg.world_size, cfg, output_dir, plan, timeout_s=None,
+            run_on_ranks(run_rank, cfg.world_size, cfg, output_dir, plan, timeout_s=None, backend=device.backend,
                          collective_timeout_s=cfg.parallel.timeout_s, forward_signals=True)
     except RunStopped as err:
         _fail(str(err), 1)

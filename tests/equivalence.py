@@ -112,7 +112,7 @@ def run_training(case: Case, layout: ParallelLayout) -> dict:
         loss, stats = train_step(chunks, optimizer, tokens, targets, layout, plan, transport=transport)
         record["loss"].append(loss)
         record["grad_norm"].append(stats["grad_norm"])
-        record["grads"].append(_full(chunks, layout, optimizer.reduced_grads()))
+        record["grads"].append(_full(chunks, layout, reduced_grads(optimizer)))
     record["weights"] = _full(chunks, layout)
     tokens, targets = next(global_batches(cfg.vocab_size, steps=1))
     with torch.no_grad():  # the trained function, on a batch seen before training
@@ -134,6 +134,26 @@ def _full_logits(model, tokens, layout):
     shape = tuple(local.shape[:-1]) + (model.cfg.vocab_size,)
     spec = ShardSpec(full_shape=shape, shards=(tp_shard(len(shape) - 1, layout.tp, padded_size=local.shape[-1] * layout.tp.size),))
     return comm.all_gather(gather_full(local, spec, layout.tp), layout.dp, dim=0)
+
+
+@torch.no_grad()
+def reduced_grads(optimizer) -> dict[str, torch.Tensor]:
+    """Each parameter's final gradient of the last step in a DistributedOptimizer (local TP shard, fp32:
+    DP-averaged, summed over TP/tied copies, unscaled, clipped). With ZeRO-1 a rank holds only its shard
+    of them, so this all-gathers over DP (a collective): for tests, not for the training loop."""
+    grads = {}
+    for buffer in optimizer.buffers:
+        full = buffer.grad_data
+        if optimizer.config.zero1:
+            full = buffer.grad_data.clone()
+            for bucket in buffer.buckets:
+                group = optimizer._groups[bucket.group]
+                if group.size > 1:
+                    lo, hi = bucket.shard(group.rank, group.size)
+                    comm.all_gather_into(full[bucket.start:bucket.end], buffer.grad_data[lo:hi].clone(), group)
+        for slot in buffer.slots:
+            grads[slot.name] = full[slot.start:slot.end].view(slot.param.shape).clone()
+    return grads
 
 
 def _full(chunks, layout, grads: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

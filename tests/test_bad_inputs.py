@@ -79,8 +79,6 @@ BAD = [
     ("trainer.peak_tflops=-1", "trainer.peak_tflops=-1"),
     ("trainer.peak_tflops=0", "trainer.peak_tflops=0"),
     ("trainer.max_skipped_steps=0", "trainer.max_skipped_steps=0"),
-    ("trainer.crash_after_step=0", "trainer.crash_after_step=0"),
-    ("trainer.crash_rank=1", "trainer.crash_rank=1"),
     ("trainer.sample_tokens=-1", "trainer.sample_tokens=-1"),
     ("model.num_kv_heads=0", "model.num_kv_heads=0"),
     ("model.num_kv_heads=-2", "model.num_kv_heads=-2"),
@@ -149,7 +147,6 @@ GOOD = [
     "checkpoint.dir={tmp}/new/deep/ckpt",
     "checkpoint.resume_from={tmp}/adir",
     "data.cache_dir={tmp}/fresh/cache",
-    "trainer.crash_rank=0 trainer.crash_after_step=1",
     TWO + " data.train_weights=[0,1]",
     TWO + " data.train_weights=[0.7,0.3] data.cache_dir={tmp}/afile",  # indexed runs never use the cache dir
     "data.tokenizer=hf data.tokenizer_path={tmp}/bpe.json" + f" model.vocab_size={BPE_VOCAB}",
@@ -172,6 +169,36 @@ def test_odd_but_valid_config_passes(files, case):
     before = sorted(p.name for p in files.iterdir())
     run_checks(_overrides(case, files))
     assert sorted(p.name for p in files.iterdir()) == before, "a check created something"
+
+
+# The injected crash (megatron_lite/training/faults.py) lives in the environment, not the config:
+# (environment, what the message must say; None: valid) for the default 1-rank job.
+CRASH_ENV = [
+    ({"MEGATRON_LITE_CRASH_RANK": "1"}, "MEGATRON_LITE_CRASH_RANK=1 is not a rank of this 1-rank job (0..0)"),
+    ({"MEGATRON_LITE_CRASH_RANK": "-1"}, "MEGATRON_LITE_CRASH_RANK=-1"),
+    ({"MEGATRON_LITE_CRASH_RANK": "five"}, "MEGATRON_LITE_CRASH_RANK='five'"),
+    ({"MEGATRON_LITE_CRASH_RANK": "0", "MEGATRON_LITE_CRASH_AFTER_STEP": "0"}, "MEGATRON_LITE_CRASH_AFTER_STEP=0"),
+    ({"MEGATRON_LITE_CRASH_RANK": "0", "MEGATRON_LITE_CRASH_AFTER_STEP": "2.5"},
+     "MEGATRON_LITE_CRASH_AFTER_STEP='2.5'"),
+    ({"MEGATRON_LITE_CRASH_RANK": "0", "MEGATRON_LITE_CRASH_AFTER_STEP": "1"}, None),
+    ({"MEGATRON_LITE_CRASH_RANK": "0"}, None),
+    ({"MEGATRON_LITE_CRASH_AFTER_STEP": "0"}, None),  # no crash asked for: the step is never read
+]
+
+
+@pytest.mark.parametrize("env,message", CRASH_ENV, ids=[" ".join(f"{k}={v}" for k, v in e.items())
+                                                         for e, _ in CRASH_ENV])
+def test_an_injected_crash_is_checked_up_front(files, monkeypatch, env, message):
+    for key in ("MEGATRON_LITE_CRASH_RANK", "MEGATRON_LITE_CRASH_AFTER_STEP"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if message is None:
+        run_checks(_overrides("", files))
+        return
+    with pytest.raises(ValueError) as err:
+        run_checks(_overrides("", files))
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_num_kv_heads_null_means_as_many_as_heads_and_zero_is_refused():
@@ -242,7 +269,7 @@ CLI_BAD = [
     ("data=indexed data.train_prefixes=[{case}/nope] data.validation_prefix={case}/nope", "data.train_prefixes[0]"),
     ("data.validation_prefix={case}/val", "data.validation_prefix="),
     ("logging.wandb.mode=offline logging.wandb.project=a/b", "logging.wandb.project="),
-    ("trainer.crash_after_step=0", "trainer.crash_after_step=0"),
+    ("MEGATRON_LITE_CRASH_RANK=0 MEGATRON_LITE_CRASH_AFTER_STEP=0", "MEGATRON_LITE_CRASH_AFTER_STEP=0"),
 ]
 
 
@@ -256,7 +283,7 @@ def test_the_script_refuses_bad_inputs_fast_with_one_error_line(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("SLURM_", "WANDB_", "HYDRA_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+           if not key.startswith(("SLURM_", "WANDB_", "HYDRA_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MEGATRON_LITE_"))}
     pending = list(enumerate(CLI_BAD))
     results = {}
     while pending:
@@ -265,12 +292,15 @@ def test_the_script_refuses_bad_inputs_fast_with_one_error_line(tmp_path):
         for i, (case, _) in batch:
             case_dir = tmp_path / f"case{i}"
             case_dir.mkdir()
-            overrides = case.format(case=case_dir, afile=afile).split()
+            words = case.format(case=case_dir, afile=afile).split()
+            case_env = dict(w.split("=", 1) for w in words if w.startswith("MEGATRON_LITE_"))  # the environment's
+            overrides = [w for w in words if not w.startswith("MEGATRON_LITE_")]
             defaults = {"data.cache_dir": case_dir / "cache", "checkpoint.dir": case_dir / "ckpt",
                         "hydra.run.dir": case_dir / "out"}
             overrides += [f"{k}={v}" for k, v in defaults.items() if not any(o.startswith(k + "=") for o in overrides)]
             out, err = open(case_dir / "stdout", "w"), open(case_dir / "stderr", "w")
-            proc = subprocess.Popen([sys.executable, TRAIN, *overrides], cwd=case_dir, env=env, stdout=out, stderr=err,
+            proc = subprocess.Popen([sys.executable, TRAIN, *overrides], cwd=case_dir, env={**env, **case_env},
+                                    stdout=out, stderr=err,
                                     stdin=subprocess.DEVNULL)
             running[i] = (proc, time.monotonic(), out, err)
         deadline = time.monotonic() + 60

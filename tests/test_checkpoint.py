@@ -8,6 +8,7 @@ its own), GQA with 2 KV heads (replicated under TP=4) and a prime vocabulary (pa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import checkpoint_faults
 from equivalence import ADAM_EPS, BUCKET_MB, LR, SEED, SEQ, global_batches
 from megatron_lite.checkpoint import CheckpointError, latest_step, load_checkpoint, save_checkpoint
 from megatron_lite.checkpoint import checkpoint as ckpt_module
@@ -232,16 +234,17 @@ KILL_RUN = Run(dp=2, zero1=True)
 
 
 def kill_worker(rank: int, world: int, root: str, hook: str, victim: int):
-    """DP2 with ZeRO-1: save at step 1 (completes), then die on rank `victim` at `hook` while saving step 2."""
+    """DP2 with ZeRO-1: save at step 1 (completes), then die on rank `victim` at `hook` (a function of
+    tests/checkpoint_faults.py) while saving step 2."""
     layout = ParallelLayout.from_mesh(ParallelSizes(dp=2))
     chunks, optimizer, plan = _setup(KILL_RUN, layout)
     batches = _batches(layout)
     train_step(chunks, optimizer, *batches[0], layout, plan)
     save_checkpoint(root, 1, chunks, optimizer, layout, {"data": {"consumed_batches": 1}})
     train_step(chunks, optimizer, *batches[1], layout, plan)
-    if rank == victim:
-        ckpt_module.TEST_HOOKS[hook] = lambda: os._exit(3)
-    save_checkpoint(root, 2, chunks, optimizer, layout, {"data": {"consumed_batches": 2}})
+    fault = getattr(checkpoint_faults, hook)(lambda: os._exit(3)) if rank == victim else contextlib.nullcontext()
+    with fault:
+        save_checkpoint(root, 2, chunks, optimizer, layout, {"data": {"consumed_batches": 2}})
     return "saved"
 
 
@@ -261,12 +264,8 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
     assert len(leftovers) == 1 and not os.path.exists(os.path.join(root, leftovers[0], ".metadata"))
     layout = ParallelLayout.serial()
     chunks, optimizer, plan = _setup(Run(), layout)
-    ckpt_module.TEST_HOOKS["before_commit"] = _crash
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            save_checkpoint(root, 2, chunks, optimizer, layout, {"data": {"consumed_batches": 0}})
-    finally:
-        ckpt_module.TEST_HOOKS.clear()
+    with checkpoint_faults.before_commit(_crash), pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, 2, chunks, optimizer, layout, {"data": {"consumed_batches": 0}})
     names = sorted(os.listdir(root))
     assert "step_00000002" not in names and len([n for n in names if ".tmp-" in n]) == 2, names
     assert latest_step(root) == 1

@@ -7,6 +7,7 @@ and step 20 hold different values, so that a load of the wrong one shows.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import json
@@ -19,6 +20,7 @@ import shutil
 import pytest
 import torch
 
+import checkpoint_faults
 from equivalence import ADAM_EPS, LR, SEED, SEQ, global_batches
 from megatron_lite.checkpoint import (
     CheckpointError,
@@ -362,15 +364,12 @@ def enospc_worker(rank: int, world: int, root: str):
     save_checkpoint(root, 10, chunks, optimizer, layout, {"step": 10})
     saved = _snapshot(chunks, optimizer)
     _step(chunks, optimizer, layout, 1)
-    if rank == 1:
-        ckpt_module.TEST_HOOKS["after_write"] = _enospc
     try:
-        save_checkpoint(root, 20, chunks, optimizer, layout, {"step": 20})
+        with checkpoint_faults.after_write(_enospc) if rank == 1 else contextlib.nullcontext():
+            save_checkpoint(root, 20, chunks, optimizer, layout, {"step": 20})
         message = None
     except CheckpointError as err:
         message = str(err)
-    finally:
-        ckpt_module.TEST_HOOKS.clear()
     names = sorted(os.listdir(root))  # before the retry: what the failed save left
     return {"message": message, "names": names, "saved": saved}
 
@@ -399,13 +398,10 @@ def test_failed_write_in_one_process_leaves_nothing(tmp_path):
     root = str(tmp_path)
     chunks, optimizer, layout = _model()
     save_checkpoint(root, 10, chunks, optimizer, layout, {"step": 10})
-    ckpt_module.TEST_HOOKS["after_write"] = _enospc
-    try:
-        with pytest.raises(CheckpointError, match=r"No space left on device \(.* free on .*the previous "
-                                                  r"checkpoint \(step 10\) is intact"):
-            save_checkpoint(root, 20, chunks, optimizer, layout, {"step": 20})
-    finally:
-        ckpt_module.TEST_HOOKS.clear()
+    with checkpoint_faults.after_write(_enospc), pytest.raises(
+            CheckpointError, match=r"No space left on device \(.* free on .*the previous checkpoint \(step 10\) "
+                                   r"is intact"):
+        save_checkpoint(root, 20, chunks, optimizer, layout, {"step": 20})
     assert sorted(os.listdir(root)) == ["latest", "step_00000010"]
     assert save_checkpoint(root, 20, chunks, optimizer, layout, {"step": 20}) == _step_path(root, 20)
 

@@ -17,10 +17,11 @@ from megatron_lite.training.config import model_preset
 from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.training.config import compose
-from megatron_lite.training.logging import (MetricsLogger, WandbSettings, format_metrics, is_secret_key,
-                                            read_offline_run, scrub_argv, scrub_secrets, to_plain_config)
-from megatron_lite.training.metrics import (StepMetrics, StepTimer, megatron_gpt_flops_per_token,
-                                            model_flops_per_token, peak_memory)
+from megatron_lite.training.logging import (MetricsLogger, WandbSettings, console_line, describe_comm, format_metrics,
+                                            is_secret_key, read_offline_run, scrub_argv, scrub_secrets,
+                                            to_plain_config, validation_line)
+from megatron_lite.training.metrics import (GIB, StepMetrics, StepTimer, host_peak_rss_bytes, memory_metrics,
+                                            megatron_gpt_flops_per_token, model_flops_per_token)
 
 SMALL = {
     "gpt2": gpt2_config(vocab_size=257, hidden_size=64, num_layers=2, num_heads=4, max_seq_len=64),
@@ -94,15 +95,12 @@ def test_step_metrics_and_timer():
     assert m.tokens_per_s == 2048
     assert m.tflops_per_rank == pytest.approx(2048 * 1e9 / 4 / 1e12)
     assert m.mfu == pytest.approx(0.512) and m.hfu == pytest.approx(0.768)
-    assert m.memory_kind == "cpu_rss" and m.peak_memory_bytes > 10 * 2**20  # this process's peak RSS
     logged = m.as_dict()
-    assert set(logged) == {"perf/step_time_s", "perf/tokens_per_s", "perf/tflops_per_rank", "perf/mfu", "perf/hfu",
-                           "perf/peak_memory_gib"}
+    assert set(logged) == {"perf/step_time_s", "perf/tokens_per_s", "perf/tflops_per_rank", "perf/mfu", "perf/hfu"}
     unknown_peak = StepMetrics.compute(1.0, 10, 1.0, 1, None)
     assert unknown_peak.mfu is None and "perf/mfu" not in unknown_peak.as_dict()
     with pytest.raises(ValueError):
         StepMetrics.compute(0.0, 10, 1.0, 1, 1e12)
-    assert peak_memory()[1] == "cpu_rss"
 
     timer = StepTimer()
     with pytest.raises(RuntimeError):
@@ -156,23 +154,26 @@ def test_offline_run_holds_metrics_and_config_without_secrets(wandb_env, monkeyp
     settings = WandbSettings(mode="offline", project="megatron-lite-test", name="unit", tags=("test", "cpu"),
                              dir=str(wandb_env))
     with MetricsLogger(True, settings, config, total_steps=6, log_interval=2, stream=console) as logger:
-        for step in range(6):
-            logger.log(step, {"train/loss": 5.0 - step, "train/lr": 1e-3 * (step + 1), "train/grad_norm": 0.5,
-                              "perf/tokens_per_s": 1000.0 + step, "perf/mfu": 0.25})
-        logger.log(5, {"val/loss": 1.25}, force=True)
+        for step in range(1, 7):  # steps done, 1-based
+            logger.log(step, {"train/loss": 6.0 - step, "train/lr": 1e-3 * step, "train/grad_norm": 0.5,
+                              "perf/tokens_per_s": 1000.0 + step, "perf/mfu": 0.25,
+                              **({"val/loss": 1.25} if step == 3 else {})})
+        logger.summarize({"model/parameters": 1234})
         run_dir = logger.run_dir
     assert sys.argv[-1] == f"logging.wandb.api_key={secret}"  # restored after wandb.init
 
-    lines = console.getvalue().splitlines()
-    assert [line.split("|")[0].split()[1] for line in lines] == ["0/6", "2/6", "4/6", "5/6", "5/6"]
-    assert "loss 3.0000 | lr 3.00e-03 | gnorm 0.5 | tok/s 1,002 | MFU 25.00%" in lines[1]
+    lines = console.getvalue().splitlines()  # the first step, every 2nd, the last; validation on its own line
+    assert [line.split("|")[0].split()[1] for line in lines] == ["1/6", "2/6", "3/6", "4/6", "6/6"]
+    assert lines[2] == "step 3/6 | val loss 1.2500"
+    assert lines[1] == "step 2/6 | loss 4.0000 | lr 2.0e-03 | gnorm 0.5 | tok/s 1,002 | MFU 25.0%"
 
     run = read_offline_run(run_dir)
     assert run["complete"] and run["name"] == "unit" and run["project"] == "megatron-lite-test"
     assert run["tags"] == ["test", "cpu"]
-    assert [row["_step"] for row in run["history"]] == [0, 2, 4, 5]
-    assert [row["train/loss"] for row in run["history"]] == [5.0, 3.0, 1.0, 0.0]
-    assert run["history"][-1]["val/loss"] == 1.25 and run["summary"]["perf/tokens_per_s"] == 1005.0
+    assert [row["_step"] for row in run["history"]] == [1, 2, 3, 4, 5, 6]  # W&B gets every step
+    assert [row["train/loss"] for row in run["history"]] == [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    assert run["history"][2]["val/loss"] == 1.25 and run["summary"]["perf/tokens_per_s"] == 1006.0
+    assert run["summary"]["model/parameters"] == 1234
     logged = run["config"]
     assert logged["trainer"] == to_plain_config(run_config)["trainer"] and logged["model"]["name"] == "llama_tiny"
     assert logged["logging"]["wandb"] == {"mode": "offline", "api_key": "<redacted>", "project": "megatron-lite-test"}
@@ -196,7 +197,7 @@ def test_non_logging_rank_and_disabled_mode_make_no_wandb_calls(wandb_env, monke
     for enabled, mode in ((False, "offline"), (False, "online"), (True, "disabled")):
         with MetricsLogger(enabled, WandbSettings(mode=mode, dir=str(wandb_env)), {"a": 1}, total_steps=3,
                            stream=console) as logger:
-            for step in range(3):
+            for step in range(1, 4):
                 logger.log(step, {"train/loss": 1.0})
             logger.message("hello")
             assert logger.run is None and logger.run_dir is None
@@ -207,8 +208,8 @@ def test_non_logging_rank_and_disabled_mode_make_no_wandb_calls(wandb_env, monke
 
 def test_format_metrics_skips_non_scalars():
     text = format_metrics({"train/loss": 2.5, "perf/tflops_per_rank": 0.01234, "comm": {"tp": 1}, "val/loss": 2.0,
-                           "perf/peak_memory_gib": 1.5, "perf/step_time_s": 0.25})
-    assert text == "loss 2.5000 | TFLOP/s/rank 0.01234 | val/loss 2.0000 | mem 1.50GiB | time 250.0ms"
+                           "memory/host_rss_gib": 1.5, "perf/step_time_s": 0.25})
+    assert text == "loss 2.5000 | TFLOP/s/rank 0.01234 | val/loss 2.0000 | memory/host_rss_gib 1.50GiB | time 250.0ms"
 
 
 def test_progress_bar_on_a_terminal_only(monkeypatch):
@@ -220,8 +221,45 @@ def test_progress_bar_on_a_terminal_only(monkeypatch):
         stderr, console = (Terminal() if tty else io.StringIO()), io.StringIO()
         monkeypatch.setattr(sys, "stderr", stderr)
         with MetricsLogger(True, None, None, total_steps=3, log_interval=10, stream=console) as logger:
-            for step in range(3):
+            for step in range(1, 4):
                 logger.log(step, {"train/loss": 1.0, "perf/mfu": 0.5})
         assert ("3/3" in stderr.getvalue() and "MFU=50.00%" in stderr.getvalue()) == expect_bar
-        assert console.getvalue().splitlines() == ["step     0/3 | loss 1.0000 | MFU 50.00%",
-                                                   "step     2/3 | loss 1.0000 | MFU 50.00%"]
+        assert console.getvalue().splitlines() == ["step 1/3 | loss 1.0000 | MFU 50.0%",
+                                                   "step 3/3 | loss 1.0000 | MFU 50.0%"]
+
+
+def test_console_line_has_a_fixed_short_field_set():
+    base = {"train/loss": 2.34567, "train/lr": 3e-4, "train/grad_norm": 0.5123, "perf/tokens_per_s": 123456.7,
+            "perf/mfu": 0.4123, "memory/host_rss_gib": 0.3123, "memory/host_peak_rss_gib": 0.5,
+            "perf/step_time_s": 0.2, "train/tokens": 5000, "train/skipped_total": 0, "comm/tp/all_reduce_bytes": 9e6}
+    line = console_line(7, 300, base)
+    assert line == "step   7/300 | loss 2.3457 | lr 3.0e-04 | gnorm 0.512 | tok/s 123,457 | MFU 41.2% | rss 0.31G"
+    cuda = {**base, "memory/cuda_max_allocated_gib": 12.345, "memory/cuda_max_reserved_gib": 14.0}
+    assert console_line(7, 300, cuda).endswith("| MFU 41.2% | alloc 12.35G")
+    fp16 = {**base, "train/loss_scale": 65536.0, "train/skipped_total": 12, "val/loss": 2.5, "val/perplexity": 12.18}
+    line = console_line(300, 300, fp16)
+    assert line.endswith("| rss 0.31G | scale 65536 | skipped 12") and len(line) <= 120, line
+    assert validation_line(300, 300, fp16) == "step 300/300 | val loss 2.5000 | val ppl 12.18"
+    assert validation_line(300, 300, base) is None
+    assert console_line(1, 300, {"perf/tokens_per_s": 2.345e6}) == "step   1/300 | tok/s 2.35M"
+    assert console_line(1, 300, {"train/loss": float("nan"), "train/grad_norm": None}) == "step   1/300 | loss nan"
+
+
+def test_memory_metrics_are_named_for_the_device():
+    cpu = memory_metrics("cpu")
+    assert set(cpu) == {"host_rss_gib", "host_peak_rss_gib"}
+    assert 10 * 2**20 / GIB < cpu["host_rss_gib"] <= cpu["host_peak_rss_gib"] + 1e-3
+    assert cpu["host_peak_rss_gib"] == pytest.approx(host_peak_rss_bytes() / GIB, rel=0.1)
+    assert memory_metrics(None).keys() == cpu.keys()
+    if torch.cuda.is_available():
+        gpu = memory_metrics("cuda:0")
+        assert set(gpu) == {"cuda_max_allocated_gib", "cuda_max_reserved_gib"}
+        assert gpu["cuda_max_allocated_gib"] <= gpu["cuda_max_reserved_gib"]
+
+
+def test_describe_comm_takes_each_groups_largest_rank():
+    first_stage = {"tp/all_reduce": 3 * 2**20, "pp/send": 96 * 2**10}
+    last_stage = {"tp/all_reduce": 4 * 2**20, "pp/recv": 96 * 2**10, "pp/broadcast": 4}
+    assert describe_comm([first_stage, last_stage]) == (
+        "pp broadcast 4 B x1 | pp recv 96.0 KiB x1 | pp send 96.0 KiB x1 | tp all_reduce 4.0 MiB x2")
+    assert describe_comm([{}]) == "none (one process)"

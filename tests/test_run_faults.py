@@ -113,7 +113,7 @@ def reference(tmp_path_factory, cache) -> dict[int, str]:
     done = _train(tmp, *RUN, cache, f"hydra.run.dir={tmp / 'out'}")
     assert done.returncode == 0, done.stderr[-3000:]
     losses = _losses(done.stdout)
-    assert sorted(losses) == list(range(12))  # logged as steps 0..11
+    assert sorted(losses) == list(range(1, 13))  # logged as steps 1..12
     return losses
 
 
@@ -152,8 +152,8 @@ def test_sigterm_to_the_launcher_saves_exits_0_and_leaves_no_process(tmp_path, c
     assert "checkpoint saved" in rest, rest
     assert _wait_gone(token) == [], "processes left behind after the launcher exited"
     first = _losses(head + rest)
-    saved = max(first) + 1  # a checkpoint of step N holds N steps: it resumes at logged step N
-    assert 6 <= saved < 12 and saved in _steps(ckpt), (saved, _steps(ckpt))
+    saved = max(first)  # the last step shown (1-based) is the number of steps the checkpoint holds
+    assert 5 <= saved < 12 and saved in _steps(ckpt), (saved, _steps(ckpt))
     assert all(first[step] == reference[step] for step in first)
 
     # Three copies of the stopped run's checkpoints: intact, newest step corrupted, `latest` garbage.
@@ -170,9 +170,9 @@ def test_sigterm_to_the_launcher_saves_exits_0_and_leaves_no_process(tmp_path, c
     for directory, resumed_at in ((ckpt, saved), (corrupt, previous), (garbage, saved)):
         done = _train(tmp_path, *args, f"checkpoint.dir={directory}")
         assert done.returncode == 0, (directory, done.stderr[-3000:])
-        assert f"resumed at step {resumed_at}" in done.stdout, (directory, done.stdout, done.stderr[-2000:])
+        assert f"resumed after step {resumed_at}" in done.stdout, (directory, done.stdout, done.stderr[-2000:])
         after = _losses(done.stdout)
-        assert sorted(after) == list(range(resumed_at, 12)), directory
+        assert sorted(after) == list(range(resumed_at + 1, 13)), directory
         assert all(after[step] == reference[step] for step in after), directory
     kept = [p.name for p in corrupt.iterdir() if p.name.startswith(f"step_{saved:08d}")]
     assert kept, "the corrupt step was deleted: nothing recoverable may be"
@@ -254,7 +254,7 @@ def test_concurrent_and_later_runs_cannot_touch_another_runs_checkpoints(tmp_pat
     cont = _train(tmp_path, *FAST, cache, f"trainer.max_steps={newest + 2}", f"checkpoint.resume_from={shared}",
                   f"hydra.run.dir={tmp_path / 'continued'}", timeout=120)
     assert cont.returncode == 0, cont.stderr[-3000:]
-    assert f"resumed at step {newest} of checkpoint.resume_from={shared}" in cont.stdout, cont.stdout
+    assert f"resumed after step {newest} of checkpoint.resume_from={shared}" in cont.stdout, cont.stdout
     assert _steps(tmp_path / "continued" / "checkpoints") == [newest + 2]
     assert _snapshot(shared) == saved
 

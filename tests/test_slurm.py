@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_lite.training.logging import read_offline_run
 from slurm_cluster import LocalSlurmCluster, unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,10 +41,10 @@ def _losses(text: str) -> dict[int, str]:
     return {int(m.group(1)): m.group(2) for m in re.finditer(r"step\s+(\d+)/\d+ \| loss (\S+)", text)}
 
 
-def _submit(cluster, tmp_path, *overrides, options=()) -> tuple[str, Path]:
+def _submit(cluster, tmp_path, *overrides, options=(), env=None) -> tuple[str, Path]:
     log = tmp_path / "job.out"
     job_id = cluster.submit(CPU_TEMPLATE, *overrides, sbatch_options=("--output", str(log), *options),
-                            cwd=ROOT, env=_job_env())
+                            cwd=ROOT, env={**_job_env(), **(env or {})})
     return job_id, log
 
 
@@ -83,16 +84,18 @@ def test_3d_job_on_two_nodes_trains_and_checkpoints(cluster, tmp_path):
 
 
 def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_loss(cluster, tmp_path):
-    # parallel.microbatches too: the CPU template starts from parallel=3d_cpu (2 microbatches).
-    overrides = ["parallel.tp=1", "parallel.pp=1", "parallel.dp=2", "parallel.microbatches=2", "trainer.max_steps=14"]
+    # The CPU template starts from parallel=3d_cpu; the global batch (16) stays what it is.
+    overrides = ["parallel.tp=1", "parallel.pp=1", "parallel.dp=2", "trainer.max_steps=14"]
     two_nodes = ("--nodes=2", "--ntasks-per-node=1")
     reference = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *_run_args(tmp_path, "ckpt_ref"),
                                 *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=90)
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = _losses(reference.stdout)
-    assert sorted(expected) == list(range(14))
+    assert sorted(expected) == list(range(1, 15))
 
-    job_id, log = _submit(cluster, tmp_path, *_run_args(tmp_path), *overrides, options=two_nodes)
+    wandb_dir = tmp_path / "wandb"
+    job_id, log = _submit(cluster, tmp_path, *_run_args(tmp_path), *overrides, "logging.wandb.mode=offline",
+                          f"logging.wandb.dir={wandb_dir}", options=two_nodes)
     _wait_for_log(log, r"step\s+3/14", timeout_s=90)
     cluster.signal(job_id, "USR1")
     # A job that completes without a restart (its requeue failed) ends the wait too, and the log says why.
@@ -107,25 +110,34 @@ def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_loss
     assert "restart 1" in out, out[-4000:]
     stopped = re.search(r"stop signal: stopped after step (\d+), checkpoint saved, requeueing job (\d+)", out)
     assert stopped and stopped.group(2) == job_id, out[-4000:]
-    resumed_at = int(stopped.group(1)) + 1
-    assert 3 <= resumed_at < 14, "the signal must stop the run early"
-    assert f"resumed at step {resumed_at}" in out
+    stopped_after = int(stopped.group(1))
+    assert 3 <= stopped_after < 14, "the signal must stop the run early"
+    assert f"resumed after step {stopped_after}" in out
     second_run = out[out.index("restart 1"):]
     losses = _losses(second_run)
-    assert sorted(losses) == list(range(resumed_at, 14))
-    assert losses[13] == expected[13], (losses, expected)
+    assert sorted(losses) == list(range(stopped_after + 1, 15))
+    assert losses[14] == expected[14], (losses, expected)
     for step, loss in {**_losses(out[:out.index("restart 1")]), **losses}.items():
         assert loss == expected[step], (step, loss, expected[step])
 
+    # The requeued job resumed its own W&B run: two offline pieces of one run id, every step once.
+    runs = [read_offline_run(d) for d in sorted((wandb_dir / "wandb").glob("offline-run-*"))]
+    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"] and runs[0]["id"], [r["id"] for r in runs]
+    steps = [[row["_step"] for row in run["history"]] for run in runs]
+    assert steps == [list(range(1, stopped_after + 1)), list(range(stopped_after + 1, 15))], steps
+    assert [f"{runs[1]['history'][-1]['train/loss']:.4f}"] == [expected[14]]
+
 
 def test_a_crashing_rank_ends_the_job_with_its_traceback(cluster, tmp_path):
-    job_id, log = _submit(cluster, tmp_path, *_run_args(tmp_path), "trainer.max_steps=50", "trainer.crash_rank=5",
-                          "trainer.crash_after_step=2", "checkpoint.dir=null")
+    # sbatch exports the submitting environment to every task: rank 5 raises once step 2 is done.
+    job_id, log = _submit(cluster, tmp_path, *_run_args(tmp_path), "trainer.max_steps=50", "checkpoint.dir=null",
+                          env={"MEGATRON_LITE_CRASH_RANK": "5", "MEGATRON_LITE_CRASH_AFTER_STEP": "2"})
     _wait_for_log(log, r"step\s+1/50", timeout_s=240)
     job = cluster.wait(job_id, timeout_s=60)  # the crash comes one step later; the job must end soon after
     out = _read(log)
     assert job.state == "FAILED" and job.exit_code != "0:0", f"{job.fields}\n{out[-4000:]}"
-    assert "Traceback (most recent call last)" in out and "trainer.crash_rank=5: crashing after step 2" in out, out[-4000:]
+    assert "Traceback (most recent call last)" in out, out[-4000:]
+    assert "MEGATRON_LITE_CRASH_RANK=5: crashing after step 2" in out, out[-4000:]
     assert not re.search(r"step\s+50/50", out)
 
 

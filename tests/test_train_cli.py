@@ -1,12 +1,18 @@
 """The training script end to end: bad configs fail fast with one clear message, a 3D run learns."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_lite.layers.embedding import padded_vocab_size
+from megatron_lite.models.transformer import build_model
+from megatron_lite.parallel.layout import ParallelLayout
+from megatron_lite.parallel.spawn import run_on_ranks
 from megatron_lite.training.config import compose
+from megatron_lite.training.logging import read_offline_run
 from megatron_lite.training.setup import check_run_config, resolve_data_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +32,12 @@ BAD_CONFIGS = [
     ("parallel.dp=null", "parallel.dp=null needs a launcher"),
     ("parallel.tp=3", "model.num_heads=4 is not divisible by parallel.tp=3"),
     ("parallel.schedule=zigzag", "parallel.schedule='zigzag' is not allowed; choose one of ['gpipe', '1f1b', 'interleaved_1f1b']"),
-    ("parallel.pp=2 parallel.schedule=interleaved_1f1b parallel.virtual_stages=2 parallel.microbatches=3",
+    ("parallel.pp=2 parallel.schedule=interleaved_1f1b parallel.virtual_stages=2 trainer.global_batch_size=12",
      "multiple of pp=2, got 3"),
+    ("parallel.dp=3", "trainer.global_batch_size=16 is not divisible by trainer.micro_batch_size x parallel.dp = "
+                      "4 x 3 = 12: choose a multiple of 12"),
+    ("parallel.pp=2 parallel.layers_per_stage=[1,2]", "parallel.layers_per_stage=[1, 2] must list 2 positive counts"),
+    ("parallel.device=gpu", "parallel.device='gpu' is not allowed; choose one of ['auto', 'cpu', 'cuda']"),
     ("parallel.pp=8", "model.num_layers=4 is smaller than parallel.pp=8"),
     ("trainer.precision=fp8", "trainer.precision='fp8' is not allowed; choose one of ['fp32', 'bf16', 'fp16']"),
     ("trainer.recompute=some", "trainer.recompute='some' is not allowed"),
@@ -71,20 +81,81 @@ def test_every_model_config_composes(name):
     assert compose([f"model={name}"]).model.name == name
 
 
+CONSOLE_LINE = re.compile(r"^step +(\d+)/12 \| loss (\d+\.\d{4}) \| lr \d\.\de-\d\d \| gnorm \S+ \| tok/s [\d,]+ \| "
+                          r"MFU \d+\.\d% \| rss \d+\.\d\dG$")
+
+
 def test_3d_training_run_learns_and_logs_offline(tmp_path):
+    """The 8-rank 3D demo: a short console line with fixed fields every log_interval steps, W&B with
+    every step, the tokens consumed and the whole model's parameter count."""
     result = run_train(tmp_path, "parallel=3d_cpu", "trainer.max_steps=12", "trainer.seq_length=64",
-                       "trainer.eval_interval=6", "trainer.log_interval=1", "trainer.sample_tokens=20",
-                       "logging=offline", "checkpoint.dir=null")
+                       "trainer.eval_interval=6", "trainer.log_interval=5", "trainer.sample_tokens=20",
+                       "trainer.peak_tflops=0.1", "logging=offline", "checkpoint.dir=null")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    losses = [float(line.split("| loss ")[1].split(" |")[0]) for line in lines if "| loss " in line]
-    val = [float(line.split("val/loss ")[1].split(" |")[0]) for line in lines if "val/loss " in line]
-    assert len(losses) == 12 and len(val) == 2
-    assert losses[-1] < losses[0] - 1.0  # from ~ln(257) = 5.5 towards the byte entropy of English
-    assert val[1] < val[0]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert all(len(line) <= 120 for line in lines if not line.startswith(("communication", "  node"))), lines
+    train_lines = [line for line in steps if "| loss " in line]
+    assert [int(CONSOLE_LINE.match(line).group(1)) for line in train_lines] == [1, 5, 10, 12], steps
+    val = [float(line.split("| val loss ")[1].split(" |")[0]) for line in steps if "| val loss " in line]
+    assert len(val) == 2 and val[1] < val[0]
+    startup = "\n".join(lines[:3])
+    assert "device cpu, backend gloo, world 8 | layout tp=2 pp=2 dp=2 | 1f1b, 2 microbatches" in startup, startup
+    # The serial model's count, with the vocabulary rows TP=2 pads on (to a multiple of tp x vocab_pad_multiple).
+    model_cfg = compose([]).model_config()
+    rows = [padded_vocab_size(model_cfg.vocab_size, tp, model_cfg.vocab_pad_multiple) for tp in (1, 2)]
+    serial = sum(p.numel() + (rows[1] - rows[0]) * p.shape[-1] * (p.dim() == 2 and p.shape[0] == rows[0])
+                 for p in build_model(model_cfg, ParallelLayout.serial(), 0).parameters())
+    assert f"model llama_tiny: {serial:,} parameters | global batch 16 x 64 tokens" in startup, startup
+    comm = next(line for line in lines if line.startswith("communication per step"))
+    assert all(group in comm for group in ("tp all_reduce", "pp send", "pp recv", "dp all_reduce")), comm
     assert "sample from the model after training" in result.stdout
     assert "every tp group is within one node" in result.stdout  # 8 local ranks: one node
-    assert list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    run = read_offline_run(next((tmp_path / "out" / "wandb").glob("offline-run-*")))
+    history = run["history"]
+    assert [row["_step"] for row in history] == list(range(1, 13))  # every step, not only the console's
+    losses = [row["train/loss"] for row in history]
+    assert losses[-1] < losses[0] - 1.0  # from ~ln(257) = 5.5 towards the byte entropy of English
+    assert [f"{history[s - 1]['train/loss']:.4f}" for s in (1, 5, 10, 12)] == [
+        CONSOLE_LINE.match(line).group(2) for line in train_lines]
+    assert [row["train/tokens"] for row in history] == [16 * 64 * s for s in range(1, 13)]
+    assert [row["train/samples"] for row in history] == [16 * s for s in range(1, 13)]
+    assert run["summary"]["model/parameters"] == serial
+    assert run["summary"]["comm/tp/all_reduce_bytes"] > 0
+    assert {"stage0/host_rss_gib", "stage1/host_rss_gib", "stage0/step_time_s", "memory/host_rss_gib",
+            "train/skipped_total", "perf/mfu"} <= set(history[4]), sorted(history[4])
+    assert "train/loss_scale" not in history[0]  # fp32
+
+
+def test_fp16_run_logs_its_loss_scale(tmp_path):
+    result = run_train(tmp_path, "trainer.precision=fp16", "trainer.max_steps=3", "trainer.seq_length=32",
+                       "trainer.global_batch_size=4", "trainer.eval_interval=100", "trainer.sample_tokens=0",
+                       "logging=offline", "checkpoint.dir=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^step 1/3 \| .* \| scale 65536$", result.stdout, re.M), result.stdout
+    history = read_offline_run(next((tmp_path / "out" / "wandb").glob("offline-run-*")))["history"]
+    assert [row["train/loss_scale"] for row in history] == [65536.0] * 3
+
+
+def _losses_on_ranks(rank, world, overrides):
+    from megatron_lite.training.trainer import train
+
+    return train(compose(overrides))["train_loss"]
+
+
+def test_the_global_batch_and_the_losses_do_not_change_with_dp(tmp_path):
+    """trainer.global_batch_size=16 with micro batches of 2: dp=1 runs 8 microbatches, dp=2 four, dp=4 two;
+    each step sees the same 16 sequences, so the losses agree with the one-process run."""
+    common = [f"data.cache_dir={tmp_path / 'data'}", "checkpoint.dir=null", "trainer.max_steps=4",
+              "trainer.seq_length=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=16",
+              "trainer.eval_interval=100", "trainer.sample_tokens=0", "optim.warmup_steps=1"]
+    losses = {dp: run_on_ranks(_losses_on_ranks, dp, [*common, f"parallel.dp={dp}"], timeout_s=180)[0]
+              for dp in (1, 2, 4)}
+    assert compose([*common, "parallel.dp=4"]).microbatches == 2
+    for dp in (2, 4):
+        assert losses[dp] == pytest.approx(losses[1], rel=1e-5), (dp, losses[dp], losses[1])
+    assert losses[1][-1] < losses[1][0]
 
 
 def test_training_on_a_blend_of_preprocessed_corpora(tmp_path):

@@ -47,7 +47,6 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -63,10 +62,6 @@ from megatron_lite.parallel.sharding import ShardSpec, holds_canonical_copy, spe
 FORMAT_VERSION = 1
 CHECKSUMS_ENABLED = True  # benchmarks/checkpoint_save.py turns it off to measure what checksums cost
 STATE_FIELDS = ("exp_avg", "exp_avg_sq")
-
-# Test seams: "after_write" runs once this rank's data files are written (before DCP's .metadata),
-# "before_commit" once every rank is done (before the rename). Tests make a rank die there.
-TEST_HOOKS: dict[str, Callable[[], None]] = {}
 
 
 class CheckpointError(RuntimeError):
@@ -211,7 +206,7 @@ def save_checkpoint(root: str, step: int, chunks, optimizer, layout: ParallelLay
     try:
         with _quiet_single_process():
             sums = dcp_io.write_boxes(tmp, _boxes_to_save(chunks, optimizer, layout), objects,
-                                      TEST_HOOKS.get("after_write"), checksums=CHECKSUMS_ENABLED)
+                                      checksums=CHECKSUMS_ENABLED)
     except (Exception, dcp_io.CheckpointException) as err:  # noqa: BLE001 - DCP gathers every rank's errors
         error = _failure(err, root)
     gathered = comm.all_gather_object((error, sums), world)
@@ -228,8 +223,6 @@ def save_checkpoint(root: str, step: int, chunks, optimizer, layout: ParallelLay
                 store.write_json(os.path.join(tmp, store.CHECKSUMS), {"algorithm": "crc32", "files": files})
         except Exception as err:  # noqa: BLE001 - the other ranks wait for rank 0's outcome below
             error = f"rank 0: {_failure(err, root)}"
-    if "before_commit" in TEST_HOOKS:
-        TEST_HOOKS["before_commit"]()
     comm.barrier()  # every rank's files, DCP's index, meta.json and the checksums are on disk
     committed = False
     if rank0 and error is None:

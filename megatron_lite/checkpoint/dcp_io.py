@@ -18,7 +18,6 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -183,13 +182,11 @@ class _Writer(dcp.FileSystemWriter):
     """FileSystemWriter that makes this rank's data files durable itself and checksums them meanwhile:
     DCP's own fsync is off; once the files are written, a thread computes each file's CRC-32 (from the
     page cache) while this thread fsyncs it, so the checksum costs little more than the fsync that a
-    save pays anyway. Then it calls `after_write` (a test seam for dying, or failing, in the middle of
-    a save: data files there, `.metadata` not yet). Errors of either reach DCP, which reports them
-    to every rank."""
+    save pays anyway. Errors of either reach DCP, which reports them to every rank."""
 
-    def __init__(self, path: str, after_write: Callable[[], None] | None, checksums: bool):
+    def __init__(self, path: str, checksums: bool):
         super().__init__(path, single_file_per_rank=True, sync_files=False, overwrite=True)
-        self._after_write, self._checksums = after_write, checksums
+        self._checksums = checksums
         self.checksums: dict[str, dict] = {}
 
     def write_data(self, plan, planner):
@@ -197,8 +194,6 @@ class _Writer(dcp.FileSystemWriter):
         results = future.wait()
         names = sorted({os.fspath(r.storage_data.relative_path) for r in results})
         self.checksums = sync_and_checksum(os.fspath(self.path), names, self._checksums)
-        if self._after_write is not None:
-            self._after_write()
         return future
 
     def finish(self, metadata: Metadata, results) -> None:
@@ -220,11 +215,11 @@ def sync_and_checksum(directory: str, names: list[str], checksums: bool) -> dict
 
 
 def write_boxes(path: str, tensors: dict[str, tuple[tuple[int, ...], list[Box]]], objects: dict[str, object],
-                after_write: Callable[[], None] | None = None, checksums: bool = True) -> dict[str, dict]:
+                checksums: bool = True) -> dict[str, dict]:
     """Collective: every rank writes its boxes (fqn -> (global shape, boxes)) and picklable objects,
     fsync'ed. Over all ranks, the boxes of each fqn must tile its global shape exactly (DCP checks it).
     Returns {file name: {"size", "crc32"}} of the data files this rank wrote (empty without `checksums`)."""
-    writer = _Writer(path, after_write, checksums)
+    writer = _Writer(path, checksums)
     dcp.save({}, storage_writer=writer, planner=_BoxSavePlanner(tensors, objects))
     return writer.checksums
 

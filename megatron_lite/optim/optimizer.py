@@ -149,25 +149,6 @@ class DistributedOptimizer:
         """fp32 optimizer-state elements allocated on this rank (moments, and master weights where separate)."""
         return sum(shard.state_numel() for shard in self.shards)
 
-    @torch.no_grad()
-    def reduced_grads(self) -> dict[str, torch.Tensor]:
-        """Each parameter's final gradient of the last step (local TP shard, fp32: DP-averaged, summed
-        over TP/tied copies, unscaled, clipped). With ZeRO-1 a rank holds only its shard of them, so this
-        all-gathers over DP: for tests and debugging, not for the training loop."""
-        grads = {}
-        for buffer in self.buffers:
-            full = buffer.grad_data
-            if self.config.zero1:
-                full = buffer.grad_data.clone()
-                for bucket in buffer.buckets:
-                    group = self._groups[bucket.group]
-                    if group.size > 1:
-                        lo, hi = bucket.shard(group.rank, group.size)
-                        comm.all_gather_into(full[bucket.start:bucket.end], buffer.grad_data[lo:hi].clone(), group)
-            for slot in buffer.slots:
-                grads[slot.name] = full[slot.start:slot.end].view(slot.param.shape).clone()
-        return grads
-
     def state_dict(self) -> dict:
         params = {}
         for piece in self._pieces:

@@ -181,8 +181,10 @@ class ParallelLayout:
 
     @classmethod
     def from_mesh(cls, sizes: ParallelSizes, device_type: str | None = None,
-                  retain_host_memory: bool = True) -> "ParallelLayout":
-        """Build the layout on an initialised default process group (gloo on CPU, NCCL on CUDA)."""
+                  retain_host_memory: bool = False) -> "ParallelLayout":
+        """Build the layout on an initialised default process group (gloo on CPU, NCCL on CUDA).
+        `retain_host_memory` (CPU): also raise glibc's mmap/trim thresholds for this whole process
+        (parallel/host_memory.py), a process-wide side effect the caller must ask for."""
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; call init_process_group first")
         check_sizes(sizes, dist.get_world_size())

@@ -89,6 +89,8 @@ def _worker(fn, rank, world_size, store_path, args, results, collective_timeout_
     import torch.distributed as dist
 
     try:
+        if backend == "nccl":  # one GPU per local rank, current before NCCL's communicators exist
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
             backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=collective_timeout_s),

@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_lite.models.config import RECOMPUTE, BuildOptions, ModelConfig
+from megatron_lite.parallel.device import DEVICES
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,9 +49,10 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     dp: int | None = 1  # null: the launcher's world size / (tp * pp)
-    microbatches: int = 1
     schedule: str = "1f1b"
     virtual_stages: int = 1
+    layers_per_stage: list[int] | None = None  # uneven split: layers per virtual stage, in order; null: even
+    device: str = "auto"  # auto (CUDA with NCCL when every local rank has a GPU) | cpu | cuda
     sequence_parallel: bool = False
     timeout_s: float = 600.0  # a collective that waits longer than this ends the job, naming the silent rank
 
@@ -85,6 +87,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 300
+    global_batch_size: int = 16  # sequences per step, whatever the layout: microbatches = this / (micro_batch_size * dp)
     micro_batch_size: int = 4
     seq_length: int = 128
     eval_interval: int = 50
@@ -93,17 +96,14 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     recompute: str = "none"  # none | full | selective
     peak_tflops: float | None = None  # per device, for MFU; null: MFU not reported
-    sample_tokens: int = 200  # text generated at the end of the run (0: none)
+    sample_tokens: int = 64  # text generated at the end of the run (0: none; skipped above 1B parameters)
     max_skipped_steps: int = 10  # consecutive steps skipped for non-finite gradients before the run stops
-    # The failure path, on purpose: this global rank raises after step `crash_after_step` (null: never).
-    crash_rank: int | None = None
-    crash_after_step: int = 1
 
 
 @dataclass
 class CheckpointConfig:
     dir: str | None = "checkpoints"  # relative: inside the run's output directory; null: never save
-    interval: int = 0  # save every N steps (0: only at the end)
+    interval: int = 100  # save every N steps (and at the end, and on a stop signal; 0: only then)
     keep_last: int = 3
     resume: bool = True  # continue this run (a requeue) from its own latest checkpoint in `dir`
     resume_from: str | None = None  # start from another run's checkpoint directory (its latest good step)
@@ -138,7 +138,21 @@ class RunConfig:
 
     @property
     def global_batch_size(self) -> int:
-        return self.trainer.micro_batch_size * self.parallel.microbatches * self.parallel.dp
+        return self.trainer.global_batch_size
+
+    @property
+    def microbatches(self) -> int:
+        """Microbatches per step and data-parallel rank, derived from the global batch (Megatron's
+        contract: the experiment is the global batch, the layout only splits it)."""
+        t, dp = self.trainer, self.parallel.dp
+        per_microbatch = t.micro_batch_size * dp
+        if t.global_batch_size % per_microbatch:
+            multiples = ", ".join(str(per_microbatch * k) for k in range(1, 4))
+            raise ValueError(f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+                             f"trainer.micro_batch_size x parallel.dp = {t.micro_batch_size} x {dp} = "
+                             f"{per_microbatch}: choose a multiple of {per_microbatch} ({multiples}, ...) or "
+                             "another micro_batch_size")
+        return t.global_batch_size // per_microbatch
 
     @property
     def world_size(self) -> int:
@@ -203,10 +217,11 @@ def check_values(cfg: RunConfig) -> None:
     _one_of("optim.backend", cfg.optim.backend, OPTIMIZER_BACKENDS)
     _one_of("optim.deepspeed_zero_stage", cfg.optim.deepspeed_zero_stage, (1, 2))
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    _one_of("parallel.device", cfg.parallel.device, DEVICES)
     _one_of("data.name", cfg.data.name, DATASETS)
     _one_of("data.tokenizer", cfg.data.tokenizer, TOKENIZERS)
-    for key in ("parallel.tp", "parallel.pp", "parallel.microbatches", "parallel.virtual_stages",
-                "trainer.max_steps", "trainer.micro_batch_size", "trainer.seq_length", "trainer.eval_interval",
+    for key in ("parallel.tp", "parallel.pp", "parallel.virtual_stages",
+                "trainer.max_steps", "trainer.global_batch_size", "trainer.micro_batch_size", "trainer.seq_length", "trainer.eval_interval",
                 "trainer.eval_batches", "trainer.log_interval", "checkpoint.keep_last"):
         section, name = key.split(".")
         _positive(key, getattr(getattr(cfg, section), name))
@@ -258,10 +273,6 @@ def _check_ranges(cfg: RunConfig) -> None:
     _in_range("trainer.sample_tokens", t.sample_tokens, 0, allowed="needs sample_tokens >= 0 (0: no sample)")
     _in_range("trainer.max_skipped_steps", t.max_skipped_steps, 1,
               allowed="needs max_skipped_steps >= 1 (consecutive skipped steps before the run stops)")
-    _in_range("trainer.crash_after_step", t.crash_after_step, 1, allowed="needs crash_after_step >= 1")
-    if t.crash_rank is not None and p.dp is not None:
-        _in_range("trainer.crash_rank", t.crash_rank, 0, cfg.world_size - 1,
-                  allowed=f"needs a global rank in [0, {cfg.world_size - 1}], or null")
     _in_range("parallel.timeout_s", p.timeout_s, 0.0, low_open=True,
               allowed="needs timeout_s > 0 (seconds a collective may wait, e.g. 600)")
     _in_range("seed", cfg.seed, 0, 2**32 - 1, allowed=f"needs 0 <= seed <= {2**32 - 1}")

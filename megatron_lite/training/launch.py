@@ -21,6 +21,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from megatron_lite.parallel import comm
+from megatron_lite.parallel.device import DeviceChoice, choose_device, rank_device, visible_gpus
 from megatron_lite.parallel.layout import ParallelLayout
 
 
@@ -83,15 +84,25 @@ def distributed_env(environ=os.environ) -> DistributedEnv | None:
     return None
 
 
-def init_from_env(env: DistributedEnv, timeout_s: float = 600.0) -> None:
-    """Join the job: NCCL with one GPU per local rank when GPUs are there, gloo otherwise."""
+def ranks_on_this_node(env: DistributedEnv, environ=os.environ) -> int:
+    """How many ranks of the job share this node (torchrun's LOCAL_WORLD_SIZE, SLURM's tasks per node)."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        match = re.match(r"\d+", environ.get(key, ""))  # SLURM writes "4(x2)" for 4 tasks on each of 2 nodes
+        if match and int(match.group()) > 0:
+            return int(match.group())
+    return env.local_rank + 1
+
+
+def init_from_env(env: DistributedEnv, timeout_s: float = 600.0, device: str = "auto") -> DeviceChoice:
+    """Join the job on the device `parallel.device` asks for (see parallel/device.py): NCCL with one
+    GPU per local rank, or gloo on CPU."""
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > env.local_rank
-    if use_cuda:
-        torch.cuda.set_device(env.local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=env.rank,
-                            world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    choice = choose_device(device, ranks_on_this_node(env), visible_gpus())
+    rank_device(choice, env.local_rank)
+    dist.init_process_group(choice.backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return choice
 
 
 def run_directory_name(time_format: str, environ=os.environ) -> str:

@@ -120,6 +120,7 @@ class WandbSettings:
     entity: str | None = None
     group: str | None = None
     dir: str | None = None
+    id: str | None = None  # set: resume that run (a requeued job continues its own run), else a new one
 
     def __post_init__(self):
         if self.mode not in WANDB_MODES:
@@ -148,11 +149,11 @@ class MetricsLogger:
         logger = MetricsLogger(enabled, WandbSettings(mode="offline", dir=...), config,
                                total_steps=cfg.trainer.max_steps, log_interval=cfg.trainer.log_interval)
         logger.log(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": g, **perf.as_dict()})
-        logger.log(step, {"val/loss": val}, force=True)
         logger.finish()
 
-    `log` moves the bar every step; on every `log_interval`-th step, the last step, or when forced it
-    prints one console line and logs the metrics to W&B at that step. Disabled: no output, no wandb.
+    `step` counts the steps done (1 after the first). Every step goes to W&B and moves the bar; the
+    console gets one `console_line` on every `log_interval`-th step, the first and the last step of
+    the run, and when forced. Disabled: no output, no wandb.
     """
 
     def __init__(self, enabled: bool, wandb_settings: WandbSettings | Mapping | None = None, config: Any = None, *,
@@ -163,7 +164,7 @@ class MetricsLogger:
         if log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {log_interval}")
         self.enabled, self.settings = enabled, wandb_settings
-        self.total_steps, self.log_interval = total_steps, log_interval
+        self.total_steps, self.log_interval, self.start_step = total_steps, log_interval, start_step
         self.stream = stream if stream is not None else sys.stdout
         self.run = None
         self.bar = None
@@ -187,7 +188,8 @@ class MetricsLogger:
         with _scrubbed_sys_argv():
             return wandb.init(mode=settings.mode, project=settings.project, name=scrub_secrets(settings.name),
                               tags=scrub_secrets(list(settings.tags)) or None, entity=settings.entity, group=settings.group,
-                              config=config, dir=settings.dir, settings=wandb.Settings(console="off"))
+                              config=config, dir=settings.dir, id=settings.id,
+                              resume="allow" if settings.id else None, settings=wandb.Settings(console="off"))
 
     @property
     def run_dir(self) -> Path | None:
@@ -195,21 +197,29 @@ class MetricsLogger:
         return Path(self.run.dir).parent if self.run is not None else None
 
     def due(self, step: int) -> bool:
-        last = self.total_steps is not None and step + 1 >= self.total_steps
-        return step % self.log_interval == 0 or last
+        """Whether step `step` (1-based) gets a console line; the same answer on every rank."""
+        last = self.total_steps is not None and step >= self.total_steps
+        return step % self.log_interval == 0 or last or step == self.start_step + 1
 
     def log(self, step: int, metrics: Mapping[str, Any], *, force: bool = False) -> None:
         if not self.enabled:
             return
         if self.bar is not None and not self.bar.disable:
-            self.bar.update(max(0, step + 1 - self.bar.n))
+            self.bar.update(max(0, step - self.bar.n))
             self.bar.set_postfix_str(format_metrics(metrics, brief=True), refresh=False)
-        if not (force or self.due(step)):
-            return
-        total = f"/{self.total_steps}" if self.total_steps is not None else ""
-        self.message(f"step {step:>5d}{total} | {format_metrics(metrics)}")
         if self.run is not None:
-            self.run.log(dict(metrics), step=step)
+            self.run.log({key: value for key, value in metrics.items() if _loggable(value)}, step=step)
+        if force or self.due(step):
+            self.message(console_line(step, self.total_steps, metrics))
+        validation = validation_line(step, self.total_steps, metrics)
+        if validation:
+            self.message(validation)
+
+    def summarize(self, values: Mapping[str, Any]) -> None:
+        """Run-level figures (parameter count, per-group communication) in the W&B run's summary."""
+        if self.run is not None:
+            for key, value in values.items():
+                self.run.summary[key] = value
 
     def message(self, text: str) -> None:
         """A console line from the logging rank that does not tear the progress bar."""
@@ -251,13 +261,13 @@ def _fmt(name: str, value: float, brief: bool) -> str:
         return f"{value:,.0f}"
     if name == "step_time_s":
         return f"{1000 * value:.1f}ms"
-    if name == "peak_memory_gib":
+    if name.endswith("_gib"):
         return f"{value:.2f}GiB"
     return f"{value:.3g}" if brief else f"{value:.4g}"
 
 
 _LABELS = {"tokens_per_s": "tok/s", "tflops_per_rank": "TFLOP/s/rank", "step_time_s": "time",
-           "peak_memory_gib": "mem", "grad_norm": "gnorm", "mfu": "MFU", "hfu": "HFU"}
+           "grad_norm": "gnorm", "mfu": "MFU", "hfu": "HFU"}
 _BRIEF = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 
 
@@ -278,6 +288,73 @@ def format_metrics(metrics: Mapping[str, Any], brief: bool = False) -> str:
         label = _LABELS.get(label, label)
         parts.append(f"{label}={_fmt(name, value, True)}" if brief else f"{label} {_fmt(name, value, False)}")
     return (", " if brief else " | ").join(parts)
+
+
+def _loggable(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) or isinstance(value, str)
+
+
+# The memory a console line shows, first match: the CUDA allocator's peak, else the host's resident set.
+_CONSOLE_MEMORY = (("memory/cuda_max_allocated_gib", "alloc"), ("memory/host_rss_gib", "rss"))
+
+
+def console_line(step: int, total_steps: int | None, metrics: Mapping[str, Any]) -> str:
+    """'step  10/300 | loss 2.3456 | lr 3.0e-03 | gnorm 0.512 | tok/s 12,345 | MFU 41.2% | rss 0.31G'.
+
+    A fixed set of short fields, each shown when measured: MFU needs trainer.peak_tflops; the loss
+    scale appears under fp16 (when train/loss_scale is there), skipped steps once there are any.
+    Validation gets its own line (`validation_line`); other metrics go to W&B only."""
+    width = len(str(total_steps)) if total_steps is not None else 0
+    parts = [f"step {step:>{width}d}" + (f"/{total_steps}" if total_steps is not None else "")]
+
+    def add(key: str, label: str, fmt) -> None:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{label} {value if isinstance(value, float) and not math.isfinite(value) else fmt(value)}")
+
+    add("train/loss", "loss", lambda v: f"{v:.4f}")
+    add("train/lr", "lr", lambda v: f"{v:.1e}")
+    add("train/grad_norm", "gnorm", lambda v: f"{v:.3g}")
+    add("perf/tokens_per_s", "tok/s", lambda v: f"{v:,.0f}" if v < 1e6 else f"{v / 1e6:.2f}M")
+    add("perf/mfu", "MFU", lambda v: f"{100 * v:.1f}%")
+    key, label = next(((k, l) for k, l in _CONSOLE_MEMORY if k in metrics), (None, None))
+    if key:
+        add(key, label, lambda v: f"{v:.2f}G")
+    add("train/loss_scale", "scale", lambda v: f"{v:g}")
+    if metrics.get("train/skipped_total"):
+        add("train/skipped_total", "skipped", lambda v: f"{v:d}" if isinstance(v, int) else f"{v:g}")
+    return " | ".join(parts)
+
+
+def validation_line(step: int, total_steps: int | None, metrics: Mapping[str, Any]) -> str | None:
+    """'step 300/300 | val loss 2.3456 | val ppl 10.45' when the step has a validation loss."""
+    if "val/loss" not in metrics:
+        return None
+    width = len(str(total_steps)) if total_steps is not None else 0
+    head = f"step {step:>{width}d}" + (f"/{total_steps}" if total_steps is not None else "")
+    ppl = metrics.get("val/perplexity")
+    return f"{head} | val loss {metrics['val/loss']:.4f}" + (f" | val ppl {ppl:.4g}" if ppl is not None else "")
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def describe_comm(per_rank: list[Mapping[str, int]]) -> str:
+    """One step's communication per process group and operation ("tp/all_reduce": bytes, see
+    comm.CommStats.report) from every rank's counters: the largest rank's payload, the ranks that
+    moved it, e.g. 'tp all_reduce 1.5 MiB x8 | pp send 96.0 KiB x4'."""
+    largest: dict[str, int] = {}
+    ranks: dict[str, int] = {}
+    for counters in per_rank:
+        for key, n in counters.items():
+            largest[key] = max(largest.get(key, 0), n)
+            ranks[key] = ranks.get(key, 0) + (n > 0)
+    parts = [f"{key.replace('/', ' ', 1)} {_size(n)} x{ranks[key]}" for key, n in sorted(largest.items()) if n]
+    return " | ".join(parts) if parts else "none (one process)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,7 +395,7 @@ def _wandb_records(path: Path):
 
 
 def read_offline_run(run_dir: str | Path, timeout_s: float = 30.0) -> dict:
-    """{"name", "project", "tags", "config", "history", "summary", "complete"} of an offline run.
+    """{"id", "name", "project", "tags", "config", "history", "summary", "complete"} of an offline run.
 
     config holds the logged config (without W&B's own "_wandb" entry); history one dict per logged
     step (with "_step"; nested keys joined with "/"); summary the last value of each metric. wandb's
@@ -337,7 +414,7 @@ def read_offline_run(run_dir: str | Path, timeout_s: float = 30.0) -> dict:
         time.sleep(0.05)
     if not files:
         raise FileNotFoundError(f"no .wandb file in {run_dir}")
-    out: dict = {"name": None, "project": None, "tags": [], "config": {}, "history": [], "summary": {},
+    out: dict = {"id": None, "name": None, "project": None, "tags": [], "config": {}, "history": [], "summary": {},
                  "complete": complete}
 
     def key_of(item) -> str:
@@ -351,7 +428,7 @@ def read_offline_run(run_dir: str | Path, timeout_s: float = 30.0) -> dict:
     for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            out["name"], out["project"] = record.run.display_name, record.run.project
+            out["id"], out["name"], out["project"] = record.run.run_id, record.run.display_name, record.run.project
             out["tags"] = list(record.run.tags)
             update_config(record.run.config.update)
         elif kind == "config":

@@ -1,4 +1,4 @@
-"""Throughput, FLOPs, MFU and memory of a training step.
+"""Throughput, FLOPs and MFU of a training step, and the memory of a rank.
 
 FLOP convention (the one Megatron-LM's papers and `num_floating_point_operations` use):
 
@@ -23,6 +23,7 @@ the FLOPs it really executes are lower by the last matmul of each checkpointed r
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -72,19 +73,35 @@ def megatron_gpt_flops_per_token(cfg: ModelConfig, seq_length: int, *, tp_size: 
     return 72 * L * h * h * (1 + s / (6 * h) + V / (12 * L * h))
 
 
-def peak_memory(device: torch.device | str | None = None) -> tuple[int, str]:
-    """(bytes, kind): `torch.cuda.max_memory_allocated` on CUDA ("cuda_allocated"), otherwise the
-    process's peak resident set size from getrusage ("cpu_rss"): a lifetime high-water mark of the
-    whole process (Python, libraries, data), not just tensors, and it cannot be reset per step."""
+def host_rss_bytes() -> int:
+    """This process's resident set size now (Linux: /proc/self/statm), its peak where that is unreadable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return host_peak_rss_bytes()
+
+
+def host_peak_rss_bytes() -> int:
+    """The process's lifetime peak RSS (getrusage): Python, libraries and data, not just tensors; it
+    cannot be reset."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def memory_metrics(device: torch.device | str | None = None) -> dict[str, float]:
+    """Memory of this rank in GiB, named for what is measured. CUDA: the caching allocator's peak
+    allocated and reserved bytes since the last `reset_memory_peaks` (the log interval); CPU: the
+    process's resident set size now and its lifetime peak."""
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_rss"  # bytes on macOS, KiB on Linux
+        return {"cuda_max_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+                "cuda_max_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
+    return {"host_rss_gib": host_rss_bytes() / GIB, "host_peak_rss_gib": host_peak_rss_bytes() / GIB}
 
 
-def reset_peak_memory(device: torch.device | str | None = None) -> None:
-    """Start a new CUDA peak-memory window; a no-op on CPU (peak RSS cannot be reset)."""
+def reset_memory_peaks(device: torch.device | str | None = None) -> None:
+    """Start a new CUDA peak window (allocated and reserved); nothing to reset on CPU."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -103,13 +120,11 @@ class StepMetrics:
     tflops_per_rank: float
     mfu: float | None
     hfu: float | None
-    peak_memory_bytes: int
-    memory_kind: str
 
     @classmethod
     def compute(cls, step_time_s: float, tokens_per_step: int, flops_per_token: float, world_size: int,
-                peak_flops_per_device: float | None = None, *, hardware_flops_per_token: float | None = None,
-                device: torch.device | str | None = None) -> "StepMetrics":
+                peak_flops_per_device: float | None = None, *,
+                hardware_flops_per_token: float | None = None) -> "StepMetrics":
         if step_time_s <= 0:
             raise ValueError(f"step time must be positive, got {step_time_s}")
         if world_size < 1:
@@ -120,8 +135,7 @@ class StepMetrics:
         mfu = flops_per_rank / peak_flops_per_device if known_peak else None
         hfu = (tokens_per_s * hardware_flops_per_token / world_size / peak_flops_per_device
                if known_peak and hardware_flops_per_token is not None else None)
-        memory, kind = peak_memory(device)
-        return cls(step_time_s, tokens_per_s, flops_per_rank / 1e12, mfu, hfu, memory, kind)
+        return cls(step_time_s, tokens_per_s, flops_per_rank / 1e12, mfu, hfu)
 
     def as_dict(self, prefix: str = "perf/") -> dict[str, float | str]:
         """Flat metrics for the logger; mfu/hfu left out when unknown."""
@@ -131,7 +145,6 @@ class StepMetrics:
             "tflops_per_rank": self.tflops_per_rank,
             "mfu": self.mfu,
             "hfu": self.hfu,
-            "peak_memory_gib": self.peak_memory_bytes / GIB,
         }
         return {prefix + key: value for key, value in out.items() if value is not None}
 

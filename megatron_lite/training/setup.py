@@ -15,10 +15,12 @@ from megatron_lite.data.tokenizer import build_tokenizer
 from megatron_lite.models.config import check_model_fits_layout
 from megatron_lite.optim import OptimizerConfig, build_optimizer
 from megatron_lite.parallel import comm
+from megatron_lite.parallel.device import choose_device, rank_device, visible_gpus
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes, check_sizes
 from megatron_lite.models.partition import build_model_chunks, split_layers
 from megatron_lite.pipeline.schedules import PipelinePlan, build_schedule
 from megatron_lite.training.config import RunConfig, check_values
+from megatron_lite.training.faults import injected_crash
 from megatron_lite.training.step import train_step
 
 
@@ -49,15 +51,16 @@ def check_run_config(cfg: RunConfig, world_size: int) -> None:
         raise ValueError(f"model ({cfg.model.name}): {err}") from None
     check_model_fits_layout(model_cfg, sizes)
     pipeline_plan(cfg)
-    split_layers(model_cfg.num_layers, sizes.pp, cfg.parallel.virtual_stages)
+    split_layers(model_cfg.num_layers, sizes.pp, cfg.parallel.virtual_stages, cfg.parallel.layers_per_stage)
     seq = cfg.trainer.seq_length
     if seq > model_cfg.max_seq_len:
         raise ValueError(f"trainer.seq_length={seq} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     if cfg.parallel.sequence_parallel and seq % sizes.tp:
         raise ValueError(f"parallel.sequence_parallel needs trainer.seq_length={seq} divisible by parallel.tp={sizes.tp}")
-    crash = cfg.trainer.crash_rank
-    if crash is not None and not 0 <= crash < world_size:
-        raise ValueError(f"trainer.crash_rank={crash} is not a rank of this {world_size}-rank job (0..{world_size - 1})")
+    crash = injected_crash()
+    if crash is not None and not crash.rank < world_size:
+        raise ValueError(f"MEGATRON_LITE_CRASH_RANK={crash.rank} is not a rank of this {world_size}-rank job "
+                         f"(0..{world_size - 1})")
     if cfg.optim.backend == "deepspeed" and sizes.pp > 1:
         raise ValueError("optim.backend=deepspeed supports pp=1 only; use optim.backend=native with parallel.pp > 1")
     if cfg.optim.backend == "deepspeed" and cfg.trainer.precision == "fp16":
@@ -68,11 +71,13 @@ def check_run_config(cfg: RunConfig, world_size: int) -> None:
 
 
 def pipeline_plan(cfg: RunConfig) -> PipelinePlan:
-    par = cfg.parallel
+    par, microbatches = cfg.parallel, cfg.microbatches
     try:
-        return build_schedule(par.schedule, par.pp, par.microbatches, par.virtual_stages)
+        return build_schedule(par.schedule, par.pp, microbatches, par.virtual_stages)
     except ValueError as err:
-        raise ValueError(f"parallel.schedule={par.schedule!r}: {err}") from None
+        raise ValueError(f"parallel.schedule={par.schedule!r} with {microbatches} microbatches (trainer."
+                         f"global_batch_size={cfg.global_batch_size} / (micro_batch_size="
+                         f"{cfg.trainer.micro_batch_size} x dp={par.dp})): {err}") from None
 
 
 def cosine_lr(step: int, cfg: RunConfig) -> float:
@@ -92,11 +97,16 @@ def optimizer_config(cfg: RunConfig) -> OptimizerConfig:
 
 
 def build_layout(cfg: RunConfig) -> ParallelLayout:
+    """The layout on the job's process group (its backend chose the device, see parallel/device.py),
+    or the one-process layout on the device `parallel.device` picks. A CPU job keeps freed host memory
+    in the process (parallel/host_memory.py), which the trainer asks for and a library user does not get."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     check_run_config(cfg, world)
     if not dist.is_initialized():
-        return ParallelLayout.serial()
-    return ParallelLayout.from_mesh(ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp))
+        choice = choose_device(cfg.parallel.device, 1, visible_gpus())
+        return ParallelLayout.serial(device=rank_device(choice, 0))
+    return ParallelLayout.from_mesh(ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp),
+                                    retain_host_memory=True)
 
 
 @dataclass
@@ -140,15 +150,15 @@ class Trainable:
 
 def build_trainable(cfg: RunConfig, layout: ParallelLayout, plan: PipelinePlan) -> Trainable:
     chunks = build_model_chunks(cfg.model_config(), layout, cfg.seed, cfg.parallel.virtual_stages,
-                                options=cfg.build_options())
+                                cfg.parallel.layers_per_stage, options=cfg.build_options())
     if cfg.optim.backend == "deepspeed":
         from megatron_lite.optim import deepspeed_backend as ds
 
         engine = ds.build_deepspeed_engine(chunks, layout, optimizer_config(cfg), cfg.optim.deepspeed_zero_stage,
-                                           cfg.parallel.microbatches, cfg.trainer.micro_batch_size)
+                                           cfg.microbatches, cfg.trainer.micro_batch_size)
 
         def deepspeed_step(tokens, targets):
-            loss = ds.deepspeed_train_step(engine, tokens, targets, layout, cfg.parallel.microbatches)
+            loss = ds.deepspeed_train_step(engine, tokens, targets, layout, cfg.microbatches)
             return loss, ds.deepspeed_step_stats(engine)
 
         return Trainable(chunks, None, lambda lr: ds.set_lr(engine, lr), deepspeed_step)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from megatron_lite.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from megatron_lite.parallel import comm
@@ -14,12 +17,19 @@ from megatron_lite.pipeline.schedules import PipelinePlan
 from megatron_lite.training.config import RunConfig
 from megatron_lite.training.generate import sample_tokens
 from megatron_lite.training.launch import describe_placement
-from megatron_lite.training.logging import MetricsLogger, WandbSettings, scrub_secrets
-from megatron_lite.training.metrics import StepMetrics, StepTimer, model_flops_per_token
+from megatron_lite.parallel.sharding import holds_canonical_copy, spec_of
+from megatron_lite.training.faults import injected_crash
+from megatron_lite.training.logging import MetricsLogger, WandbSettings, describe_comm, holds_loss, scrub_secrets
+from megatron_lite.training.metrics import (StepMetrics, StepTimer, memory_metrics, model_flops_per_token,
+                                            reset_memory_peaks)
 from megatron_lite.training.preemption import StopRequest, requeue_slurm_job, slurm_job_id
 from megatron_lite.training.resume import ResumePlan, plan_resume
 from megatron_lite.training.setup import build_datasets, build_layout, build_trainable, cosine_lr, pipeline_plan
 from megatron_lite.training.step import run_schedule
+
+
+# Above this size the sample at the end (a full-window forward per token, no KV cache) is skipped.
+SAMPLE_MAX_PARAMETERS = 10**9
 
 
 @torch.no_grad()
@@ -36,10 +46,10 @@ def evaluate(chunks, plan: PipelinePlan, dataset, layout, cfg: RunConfig) -> flo
     return sum(losses) / len(losses)
 
 
-def _wandb_settings(cfg: RunConfig, output_dir: str | None) -> WandbSettings:
+def _wandb_settings(cfg: RunConfig, output_dir: str | None, run_id: str | None) -> WandbSettings:
     w = cfg.logging.wandb
     return WandbSettings(mode=w.mode, project=w.project, name=w.name, tags=tuple(w.tags), entity=w.entity,
-                         dir=w.dir or output_dir)
+                         dir=w.dir or output_dir, id=run_id)
 
 
 class RunStopped(RuntimeError):
@@ -58,16 +68,18 @@ def _finite_state(loss: float, chunks, layout) -> bool:
     return flag.item() == 0.0
 
 
-def _save(cfg, plan: ResumePlan, step, chunks, optimizer, layout, sampler, logger, loss, skipping: bool) -> bool:
+def _save(cfg, plan: ResumePlan, step, chunks, optimizer, layout, sampler, logger, loss, state: RunState) -> bool:
     """optimizer: the native one (the DeepSpeed backend refuses checkpoint.dir up front). Nothing is
     saved while steps are being skipped for non-finite gradients, or from non-finite weights."""
+    skipping = state.skipped_in_a_row > 0
     if skipping or not _finite_state(loss, chunks, layout):
         logger.message(f"not saving a checkpoint at step {step}: "
                        + ("the step was skipped, its gradients were not finite" if skipping
                           else "the loss or the weights are not finite"))
         return False
     extra = {"step": step, "scheduler": {"step": step}, "data": sampler.state_dict(),
-             "config": scrub_secrets(cfg.to_dict()), "run_id": plan.run_id}
+             "config": scrub_secrets(cfg.to_dict()), "run_id": plan.run_id, "wandb_run_id": state.wandb_run_id,
+             "skipped_total": state.skipped_total}
     try:
         save_checkpoint(plan.save_dir, step, chunks, optimizer, layout, extra, keep_last=cfg.checkpoint.keep_last)
     except CheckpointError as err:  # e.g. disk full: the message says what is left and what was kept
@@ -85,44 +97,100 @@ def _counts_as_skipped(stats: dict, loss: float, optimizer) -> bool:
     return not backing_off
 
 
-def _loop(cfg, plan, layout, data, trainable, pipeline, sampler, logger, timer, history, stop, start_step) -> None:
+@dataclass
+class RunState:
+    """What the loop carries from step to step and into checkpoints, beyond model and optimizer."""
+
+    wandb_run_id: str | None = None  # the W&B run a requeue resumes (stored with every checkpoint)
+    skipped_total: int = 0  # steps whose update was skipped (non-finite gradients, fp16 backoff included)
+    skipped_in_a_row: int = 0  # only those that count toward trainer.max_skipped_steps
+
+
+def _total_parameters(chunks, layout) -> int:
+    """Parameters of the whole model over all ranks: each value counted once, on the rank holding its
+    canonical copy (the first TP/DP replica; a tied embedding on its primary stage)."""
+    mine = sum(p.numel() for chunk in chunks for p in chunk.parameters()
+               if holds_canonical_copy(spec_of(p), layout.coordinates, layout.sizes))
+    count = torch.tensor([float(mine)], dtype=torch.float64, device=layout.device)
+    return int(comm.all_reduce(count, layout.group("world")).item())
+
+
+def _stage_metrics(layout, step_time_s: float, memory: dict[str, float]) -> dict[str, float]:
+    """Step time and memory of every pipeline stage (the largest of its ranks), for W&B: the logging
+    rank is on the last stage and sees only its own. A collective over the job."""
+    kind = next(iter(memory))  # cuda_max_allocated_gib on CUDA, host_rss_gib on CPU
+    rows = comm.all_gather_object((layout.pp.rank, step_time_s, memory[kind]), layout.group("world"))
+    out = {}
+    for stage in range(layout.pp.size):
+        here = [row for row in rows if row[0] == stage]
+        out[f"stage{stage}/step_time_s"] = max(t for _, t, _ in here)
+        out[f"stage{stage}/{kind}"] = max(m for *_, m in here)
+    return out
+
+
+def _report_comm(stats: dict, layout, logger) -> dict[str, int]:
+    """The first step's bytes per group and operation, gathered from every rank (no rank sees every
+    group: a first-stage rank has no loss broadcast to send, a last-stage one no embedding input), as
+    one console line and W&B figures. A collective over the job."""
+    counters = comm.all_gather_object(stats.get("comm_bytes", {}), layout.group("world"))
+    logger.message(f"communication per step (largest rank's payload x ranks): {describe_comm(counters)}")
+    largest = {f"comm/{key}_bytes": max(c.get(key, 0) for c in counters) for key in set().union(*counters)}
+    logger.summarize(largest)
+    return largest
+
+
+def _loop(cfg, plan, layout, data, trainable, pipeline, sampler, logger, timer, history, stop, start_step,
+          state: RunState) -> None:
     chunks, optimizer = trainable.chunks, trainable.optimizer
     ckpt, save_dir = cfg.checkpoint, plan.save_dir
     tokens_per_step = cfg.global_batch_size * cfg.trainer.seq_length
     flops_per_token = model_flops_per_token(cfg.model_config(), cfg.trainer.seq_length)
     peak_flops = cfg.trainer.peak_tflops * 1e12 if cfg.trainer.peak_tflops else None
-    done, loss, skipped_in_a_row = start_step, float("nan"), 0
+    scaled = getattr(optimizer, "scaler", None) is not None
+    crash = injected_crash()
+    done, loss = start_step, float("nan")
 
     def save() -> bool:
-        return _save(cfg, plan, done, chunks, optimizer, layout, sampler, logger, loss, skipped_in_a_row > 0)
+        return _save(cfg, plan, done, chunks, optimizer, layout, sampler, logger, loss, state)
 
+    reset_memory_peaks(layout.device)
     for step, indices in zip(range(start_step, cfg.trainer.max_steps), sampler):
         lr = cosine_lr(step, cfg)
         trainable.set_lr(lr)
         tokens, targets = get_batch(data.train, indices)
         with timer:
             loss, stats = trainable.step(tokens, targets)
-        history["train_loss"].append(loss)
-        skipped_in_a_row = skipped_in_a_row + 1 if _counts_as_skipped(stats, loss, optimizer) else 0
-        perf = StepMetrics.compute(timer.elapsed, tokens_per_step, flops_per_token, layout.world_size, peak_flops)
-        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": stats["grad_norm"],
-                   "train/skipped": float(stats["skipped"]), **perf.as_dict(),
-                   **{f"comm/{key}_bytes": n for key, n in stats.get("comm_bytes", {}).items()}}
         done = step + 1
+        history["train_loss"].append(loss)
+        state.skipped_total += bool(stats["skipped"])
+        state.skipped_in_a_row = state.skipped_in_a_row + 1 if _counts_as_skipped(stats, loss, optimizer) else 0
+        perf = StepMetrics.compute(timer.elapsed, tokens_per_step, flops_per_token, layout.world_size, peak_flops)
+        memory = memory_metrics(layout.device)
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": stats["grad_norm"],
+                   "train/skipped": float(stats["skipped"]), "train/skipped_total": state.skipped_total,
+                   "train/tokens": done * tokens_per_step, "train/samples": done * cfg.global_batch_size,
+                   **perf.as_dict(), **{f"memory/{key}": value for key, value in memory.items()}}
+        if scaled:
+            metrics["train/loss_scale"] = stats["loss_scale"]
+        if step == start_step:
+            metrics.update(_report_comm(stats, layout, logger))
         if done % cfg.trainer.eval_interval == 0 or done == cfg.trainer.max_steps:
             val = evaluate(chunks, pipeline, data.validation, layout, cfg)
             history["val_loss"].append(val)
             metrics.update({"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))})
-        logger.log(step, metrics, force="val/loss" in metrics or bool(stats["skipped"]))
-        history["last_step"] = step
-        if skipped_in_a_row >= cfg.trainer.max_skipped_steps:
-            raise RunStopped(f"{skipped_in_a_row} steps in a row (up to step {done}) were skipped because the loss "
-                             f"or gradients were not finite (loss {loss}, grad norm {stats['grad_norm']}): the run "
-                             f"has diverged and stops (trainer.max_skipped_steps={cfg.trainer.max_skipped_steps}); "
+        if logger.due(done):
+            metrics.update(_stage_metrics(layout, timer.elapsed, memory))
+            reset_memory_peaks(layout.device)  # the next console line shows the next interval's peak
+        logger.log(done, metrics, force=bool(stats["skipped"]))
+        history["last_step"] = done
+        if state.skipped_in_a_row >= cfg.trainer.max_skipped_steps:
+            raise RunStopped(f"{state.skipped_in_a_row} steps in a row (up to step {done}) were skipped because the "
+                             f"loss or gradients were not finite (loss {loss}, grad norm {stats['grad_norm']}): the "
+                             f"run has diverged and stops (trainer.max_skipped_steps={cfg.trainer.max_skipped_steps}); "
                              "no checkpoint was written from this state. Lower optim.lr or resume from an earlier "
                              "checkpoint")
-        if layout.rank == cfg.trainer.crash_rank and done == cfg.trainer.crash_after_step:
-            raise RuntimeError(f"trainer.crash_rank={layout.rank}: crashing after step {done} on purpose")
+        if crash and layout.rank == crash.rank and done == crash.after_step:
+            raise RuntimeError(f"MEGATRON_LITE_CRASH_RANK={layout.rank}: crashing after step {done} on purpose")
         if done < cfg.trainer.max_steps and stop.agreed(layout):
             history["preempted"] = True
             if save_dir:
@@ -163,6 +231,26 @@ def train(cfg: RunConfig, output_dir: str | None = None, plan: ResumePlan | None
             lock.release()
 
 
+def _wandb_run_id(cfg: RunConfig, plan: ResumePlan, extra: dict, layout) -> str | None:
+    """The W&B run this process logs to: its own run's, stored with the checkpoint it resumes from (a
+    requeued job continues its run), or a new id from rank 0 (rank 0 writes it into checkpoints)."""
+    if cfg.logging.wandb.mode == "disabled":
+        return None
+    if plan.source == "own" and extra.get("wandb_run_id"):
+        return extra["wandb_run_id"]
+    return comm.all_gather_object(uuid.uuid4().hex[:16] if layout.rank == 0 else None, layout.group("world"))[0]
+
+
+def _startup_lines(cfg: RunConfig, layout, pipeline, parameters: int) -> list[str]:
+    backend = dist.get_backend() if dist.is_initialized() else "none (one process)"
+    device = layout.device.type + (f" x{layout.world_size}" if layout.device.type == "cuda" else "")
+    return [f"device {device}, backend {backend}, world {layout.world_size} | layout {layout.sizes.describe()} | "
+            f"{pipeline.name}, {pipeline.num_microbatches} microbatches",
+            f"model {cfg.model.name}: {parameters:,} parameters | global batch {cfg.global_batch_size} x "
+            f"{cfg.trainer.seq_length} tokens = micro batch {cfg.trainer.micro_batch_size} x {cfg.microbatches} "
+            f"microbatches x dp {layout.dp.size}"]
+
+
 def _train(cfg: RunConfig, layout, plan: ResumePlan, output_dir: str | None) -> dict:
     data = build_datasets(cfg, layout)
     pipeline = pipeline_plan(cfg)
@@ -170,26 +258,28 @@ def _train(cfg: RunConfig, layout, plan: ResumePlan, output_dir: str | None) -> 
     chunks, optimizer = trainable.chunks, trainable.optimizer
     sampler = DistributedBatchSampler(None, cfg.global_batch_size, layout.dp.rank, layout.dp.size)
 
-    start_step = 0
+    start_step, extra = 0, {}
     if plan.load_step is not None:
         extra = load_checkpoint(plan.load_dir, chunks, optimizer, layout, step=plan.load_step, verify=False)
         start_step = extra["step"]
         sampler.load_state_dict(extra["data"])
+    state = RunState(wandb_run_id=_wandb_run_id(cfg, plan, extra, layout),
+                     skipped_total=extra.get("skipped_total", 0) if plan.source == "own" else 0)
 
-    logging_rank = layout.rank == 0
-    logger = MetricsLogger(logging_rank, _wandb_settings(cfg, output_dir), cfg.to_dict(),
+    parameters = _total_parameters(chunks, layout)
+    logger = MetricsLogger(holds_loss(layout), _wandb_settings(cfg, output_dir, state.wandb_run_id), cfg.to_dict(),
                            total_steps=cfg.trainer.max_steps, log_interval=cfg.trainer.log_interval,
                            start_step=start_step)
-    params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
-    origin = "" if plan.source != "resume_from" else f" of checkpoint.resume_from={plan.load_dir}"
-    logger.message(f"{cfg.model.name}: {params:,} parameters on rank 0 | tp={layout.tp.size} pp={layout.pp.size} "
-                   f"dp={layout.dp.size} {pipeline.name} m={pipeline.num_microbatches} | global batch "
-                   f"{cfg.global_batch_size} x {cfg.trainer.seq_length} tokens"
-                   + (f" | resumed at step {start_step}{origin}" if start_step else ""))
+    logger.summarize({"model/parameters": parameters})
+    for line in _startup_lines(cfg, layout, pipeline, parameters):
+        logger.message(line)
+    if start_step:
+        origin = f" of checkpoint.resume_from={plan.load_dir}" if plan.source == "resume_from" else ""
+        logger.message(f"resumed after step {start_step}{origin}")
     if plan.save_dir:
         logger.message(f"checkpoints: {plan.save_dir}")
 
-    placement = describe_placement(layout)  # a collective: every rank takes part, rank 0 prints
+    placement = describe_placement(layout)  # a collective: every rank takes part
     if placement:
         logger.message(placement)
 
@@ -197,25 +287,31 @@ def _train(cfg: RunConfig, layout, plan: ResumePlan, output_dir: str | None) -> 
     timer = StepTimer(layout.device if layout.device.type == "cuda" else None)
     try:
         with StopRequest() as stop:
-            _loop(cfg, plan, layout, data, trainable, pipeline, sampler, logger, timer, history, stop, start_step)
+            _loop(cfg, plan, layout, data, trainable, pipeline, sampler, logger, timer, history, stop, start_step,
+                  state)
     except RunStopped:
         logger.finish(exit_code=1)  # the launcher prints the message
         raise
     if history["preempted"]:
         # Requeue only with a checkpoint to resume from (the save ended with a barrier: every rank's
-        # files are on disk). SLURM ends the job's tasks as soon as it requeues: rank 0 asks last.
+        # files are on disk). SLURM ends the job's tasks as soon as it requeues: the logging rank has
+        # written its line and closed its W&B run (the barrier) before rank 0 asks.
         saved = history.get("saved", False)
         job = slurm_job_id() if saved else None
         logger.message(f"stop signal: stopped after step {history['last_step']}"
                        + (", checkpoint saved" if saved else "") + (f", requeueing job {job}" if job else ""))
         logger.finish()
+        comm.barrier()
         if job and layout.rank == 0:
             error = requeue_slurm_job(job)
             if error:
-                logger.message(f"requeue of job {job} failed ({error}): resubmit it to resume from the checkpoint")
+                print(f"requeue of job {job} failed ({error}): resubmit it to resume from the checkpoint", flush=True)
         return history
 
-    if cfg.trainer.sample_tokens:
+    if cfg.trainer.sample_tokens and parameters > SAMPLE_MAX_PARAMETERS:
+        logger.message(f"no sample at the end: {parameters:,} parameters is above {SAMPLE_MAX_PARAMETERS:,}, where "
+                       "sampling without a KV cache takes too long (trainer.sample_tokens)")
+    elif cfg.trainer.sample_tokens:
         prompt = data.validation_tokens.tokens(0, cfg.trainer.seq_length).tolist()
         ids = sample_tokens(chunks, pipeline, layout, prompt, cfg.trainer.sample_tokens, cfg.seed)
         text = data.tokenizer.decode([i for i in ids if i != data.tokenizer.eod_id])
