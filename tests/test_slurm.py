@@ -79,7 +79,7 @@ def test_3d_job_on_two_nodes_trains_and_checkpoints(cluster, tmp_path):
         assert partners == [node], (rank, placement)
     assert "every tp group is within one node" in out
     assert "tp=2 pp=2 dp=2" in out
-    assert sorted(_losses(out)) == [0, 1, 2, 3]
+    assert sorted(_losses(out)) == [1, 2, 3, 4]
     assert (tmp_path / "ckpt" / "latest").exists()
 
 
@@ -155,6 +155,6 @@ def test_hydra_sweep_runs_each_point_as_a_slurm_job(cluster, tmp_path):
     lrs = set()
     for path in logs:
         text = path.read_text()
-        assert "tp=1 pp=1 dp=2" in text and sorted(_losses(text)) == [0, 1, 2], text[-3000:]
+        assert "tp=1 pp=1 dp=2" in text and sorted(_losses(text)) == [1, 2, 3], text[-3000:]
         lrs.update(re.findall(r"lr (\S+)", text)[-1:])
     assert len(lrs) == 2, "each sweep point trains with its own learning rate"
