@@ -16,7 +16,6 @@ import subprocess
 from collections import defaultdict
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 

@@ -133,7 +133,8 @@ def _report_comm(stats: dict, layout, logger) -> dict[str, int]:
     group: a first-stage rank has no loss broadcast to send, a last-stage one no embedding input), as
     one console line and W&B figures. A collective over the job."""
     counters = comm.all_gather_object(stats.get("comm_bytes", {}), layout.group("world"))
-    logger.message(f"communication per step (largest rank's payload x ranks): {describe_comm(counters)}")
+    if layout.world_size > 1:
+        logger.message(f"communication per step (largest rank's payload x ranks): {describe_comm(counters)}")
     largest = {f"comm/{key}_bytes": max(c.get(key, 0) for c in counters) for key in set().union(*counters)}
     logger.summarize(largest)
     return largest
