@@ -21,9 +21,6 @@ class DeviceChoice:
     backend: str  # "nccl" | "gloo"
     note: str = ""  # why auto stayed on CPU although GPUs are there
 
-    def describe(self, world_size: int) -> str:
-        return f"device {self.type}, backend {self.backend}, world {world_size}"
-
 
 def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

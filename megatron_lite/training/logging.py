@@ -290,8 +290,19 @@ def format_metrics(metrics: Mapping[str, Any], brief: bool = False) -> str:
     return (", " if brief else " | ").join(parts)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _loggable(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) or isinstance(value, str)
+    return _is_number(value) or isinstance(value, str)
+
+
+def _step_label(step: int, total_steps: int | None) -> str:
+    """'step  10/300', right-aligned to the width of the total so the columns line up."""
+    if total_steps is None:
+        return f"step {step}"
+    return f"step {step:>{len(str(total_steps))}d}/{total_steps}"
 
 
 # The memory a console line shows, first match: the CUDA allocator's peak, else the host's resident set.
@@ -304,12 +315,11 @@ def console_line(step: int, total_steps: int | None, metrics: Mapping[str, Any])
     A fixed set of short fields, each shown when measured: MFU needs trainer.peak_tflops; the loss
     scale appears under fp16 (when train/loss_scale is there), skipped steps once there are any.
     Validation gets its own line (`validation_line`); other metrics go to W&B only."""
-    width = len(str(total_steps)) if total_steps is not None else 0
-    parts = [f"step {step:>{width}d}" + (f"/{total_steps}" if total_steps is not None else "")]
+    parts = [_step_label(step, total_steps)]
 
     def add(key: str, label: str, fmt) -> None:
         value = metrics.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if _is_number(value):
             parts.append(f"{label} {value if isinstance(value, float) and not math.isfinite(value) else fmt(value)}")
 
     add("train/loss", "loss", lambda v: f"{v:.4f}")
@@ -322,7 +332,7 @@ def console_line(step: int, total_steps: int | None, metrics: Mapping[str, Any])
         add(key, label, lambda v: f"{v:.2f}G")
     add("train/loss_scale", "scale", lambda v: f"{v:g}")
     if metrics.get("train/skipped_total"):
-        add("train/skipped_total", "skipped", lambda v: f"{v:d}" if isinstance(v, int) else f"{v:g}")
+        add("train/skipped_total", "skipped", lambda v: f"{v:g}")
     return " | ".join(parts)
 
 
@@ -330,10 +340,8 @@ def validation_line(step: int, total_steps: int | None, metrics: Mapping[str, An
     """'step 300/300 | val loss 2.3456 | val ppl 10.45' when the step has a validation loss."""
     if "val/loss" not in metrics:
         return None
-    width = len(str(total_steps)) if total_steps is not None else 0
-    head = f"step {step:>{width}d}" + (f"/{total_steps}" if total_steps is not None else "")
     ppl = metrics.get("val/perplexity")
-    return f"{head} | val loss {metrics['val/loss']:.4f}" + (f" | val ppl {ppl:.4g}" if ppl is not None else "")
+    return f"{_step_label(step, total_steps)} | val loss {metrics['val/loss']:.4f}" + (f" | val ppl {ppl:.4g}" if ppl is not None else "")
 
 
 def _size(n: float) -> str:
@@ -343,17 +351,18 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def largest_comm(per_rank: list[Mapping[str, int]]) -> dict[str, tuple[int, int]]:
+    """{"group/op": (the largest rank's bytes, how many ranks moved any)} from every rank's counters
+    (comm.CommStats.report)."""
+    keys = sorted(set().union(*per_rank)) if per_rank else []
+    return {key: (max(c.get(key, 0) for c in per_rank), sum(c.get(key, 0) > 0 for c in per_rank)) for key in keys}
+
+
 def describe_comm(per_rank: list[Mapping[str, int]]) -> str:
-    """One step's communication per process group and operation ("tp/all_reduce": bytes, see
-    comm.CommStats.report) from every rank's counters: the largest rank's payload, the ranks that
-    moved it, e.g. 'tp all_reduce 1.5 MiB x8 | pp send 96.0 KiB x4'."""
-    largest: dict[str, int] = {}
-    ranks: dict[str, int] = {}
-    for counters in per_rank:
-        for key, n in counters.items():
-            largest[key] = max(largest.get(key, 0), n)
-            ranks[key] = ranks.get(key, 0) + (n > 0)
-    parts = [f"{key.replace('/', ' ', 1)} {_size(n)} x{ranks[key]}" for key, n in sorted(largest.items()) if n]
+    """One step's communication per process group and operation: the largest rank's payload and the
+    ranks that moved it, e.g. 'tp all_reduce 1.5 MiB x8 | pp send 96.0 KiB x4'."""
+    parts = [f"{key.replace('/', ' ', 1)} {_size(n)} x{ranks}" for key, (n, ranks) in largest_comm(per_rank).items()
+             if n]
     return " | ".join(parts) if parts else "none (one process)"
 
 

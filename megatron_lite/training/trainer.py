@@ -19,7 +19,8 @@ from megatron_lite.training.generate import sample_tokens
 from megatron_lite.training.launch import describe_placement
 from megatron_lite.parallel.sharding import holds_canonical_copy, spec_of
 from megatron_lite.training.faults import injected_crash
-from megatron_lite.training.logging import MetricsLogger, WandbSettings, describe_comm, holds_loss, scrub_secrets
+from megatron_lite.training.logging import (MetricsLogger, WandbSettings, describe_comm, holds_loss, largest_comm,
+                                           scrub_secrets)
 from megatron_lite.training.metrics import (StepMetrics, StepTimer, memory_metrics, model_flops_per_token,
                                             reset_memory_peaks)
 from megatron_lite.training.preemption import StopRequest, requeue_slurm_job, slurm_job_id
@@ -135,7 +136,7 @@ def _report_comm(stats: dict, layout, logger) -> dict[str, int]:
     counters = comm.all_gather_object(stats.get("comm_bytes", {}), layout.group("world"))
     if layout.world_size > 1:
         logger.message(f"communication per step (largest rank's payload x ranks): {describe_comm(counters)}")
-    largest = {f"comm/{key}_bytes": max(c.get(key, 0) for c in counters) for key in set().union(*counters)}
+    largest = {f"comm/{key}_bytes": n for key, (n, _) in largest_comm(counters).items()}
     logger.summarize(largest)
     return largest
 
