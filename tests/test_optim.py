@@ -258,11 +258,11 @@ def test_bucket_reductions_start_during_the_last_backward():
         assert kinds == ["mid backward", "backward ends"] * (m - 1) + [
             "last backward starts", "mid backward", "backward ends", "schedule done"]
         earlier, last = events[:2 * (m - 1) + 1], dict((what, (calls, n)) for what, calls, n in events[2 * (m - 1):])
-        assert all(calls == 0 and n == 0 for _, calls, n in earlier)  # nothing before the last backward
+        assert all(calls == 1 and n == 0 for _, calls, n in earlier)  # only the valid-target count
         calls, started = last["mid backward"]
-        assert 0 < started < buckets and calls == started  # some buckets in flight, backward not done
-        assert last["backward ends"] == (buckets, buckets)
-        assert last["schedule done"][0] == buckets + 1  # + the loss average
+        assert 0 < started < buckets and calls == started + 1  # some buckets in flight, backward not done
+        assert last["backward ends"] == (buckets + 1, buckets)
+        assert last["schedule done"][0] == buckets + 2  # + the valid-target count and the loss average
         # each bucket once; the head end of the model (first in the buffer) finishes its gradients first
         assert sorted(launched) == [(0, i) for i in range(buckets)] and launched[0] == (0, 0)
 
@@ -293,17 +293,18 @@ def test_dp_bytes_per_step(zero1):
     stage's fp32 gradients plus zero padding (< DP elements per bucket, to split it into DP shards):
       non-ZeRO  one all-reduce of the whole buffer                     4 * buffer bytes
       ZeRO-1    one reduce-scatter of the buffer, one all-gather of the (fp32) parameters, 4 * buffer each
-    plus the scalars: the DP-averaged loss (4 bytes) and, with ZeRO-1, the (norm^2, inf count) pair in
-    fp64 summed over DP (16 bytes), since each rank holds only its shard of the gradient."""
+    plus the scalars: the step's valid-target count (int64, 8 bytes, before the schedule), the DP-averaged
+    loss (4 bytes) and, with ZeRO-1, the (norm^2, inf count) pair in fp64 summed over DP (16 bytes), since
+    each rank holds only its shard of the gradient."""
     dp = 3
     for reports, buffer, buckets, params, calls in run_on_ranks(_dp_traffic, 2 * dp, zero1):
         assert 0 < buffer - params < dp * buckets
         if zero1:
-            expected = {"dp/reduce_scatter": 4 * buffer, "dp/all_gather": 4 * buffer, "dp/all_reduce": 4 + 16}
-            assert calls == {"reduce_scatter": buckets, "all_gather": buckets, "all_reduce": 2}
+            expected = {"dp/reduce_scatter": 4 * buffer, "dp/all_gather": 4 * buffer, "dp/all_reduce": 8 + 4 + 16}
+            assert calls == {"reduce_scatter": buckets, "all_gather": buckets, "all_reduce": 3}
         else:
-            expected = {"dp/all_reduce": 4 * buffer + 4}
-            assert calls == {"all_reduce": buckets + 1}
+            expected = {"dp/all_reduce": 4 * buffer + 8 + 4}
+            assert calls == {"all_reduce": buckets + 2}
         assert reports == [expected, expected]  # counters reset at the start of each step
 
 

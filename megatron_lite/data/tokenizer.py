@@ -35,8 +35,10 @@ class ByteTokenizer:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        # A window may start or end inside a multi-byte character, so never raise on decode.
-        data = bytes(int(i) for i in ids if int(i) != self.eod_id)
+        # A window may start or end inside a multi-byte character, and a model may have more ids than
+        # bytes (a Hugging Face vocabulary): never raise on decode, unknown ids become U+FFFD.
+        data = b"".join(bytes([int(i)]) if 0 <= int(i) < 256 else "\ufffd".encode() for i in ids
+                        if int(i) != self.eod_id)
         return data.decode("utf-8", errors="replace")
 
 

@@ -13,6 +13,33 @@ ACTIVATIONS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
 
 
+ROPE_SCALING_TYPES = ("llama3",)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's RoPE frequency scaling (Hugging Face `rope_type: llama3`): wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are stretched by `factor`, shorter than
+    .. / high_freq_factor kept, those between interpolated."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: str = "llama3"
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"model.rope_scaling.rope_type={self.rope_type!r} is not one of {ROPE_SCALING_TYPES}")
+        if not self.factor >= 1.0 or not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"model.rope_scaling needs factor >= 1 and 0 < low_freq_factor < high_freq_factor, got "
+                             f"factor={self.factor}, low_freq_factor={self.low_freq_factor}, high_freq_factor="
+                             f"{self.high_freq_factor}")
+        if self.original_max_position_embeddings < 1:
+            raise ValueError("model.rope_scaling.original_max_position_embeddings="
+                             f"{self.original_max_position_embeddings} must be >= 1")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -29,11 +56,14 @@ class ModelConfig:
     bias: bool = True
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # Llama 3.1/3.2 long-context frequencies; null: plain RoPE
     init_std: float = 0.02
     vocab_pad_multiple: int = 1  # vocabulary padded to a multiple of tp * this (Megatron uses 128)
     dropout: float = 0.0  # on attention probabilities and on each residual branch
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # from a YAML mapping or dataclasses.asdict
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("position", POSITIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -61,6 +91,8 @@ class ModelConfig:
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head dim, got {self.head_dim}")
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ValueError(f"model.rope_scaling is set but model.position={self.position!r}; it needs rope")
 
     @property
     def kv_heads(self) -> int:

@@ -54,8 +54,9 @@ def split_layers(num_layers: int, num_stages: int, virtual_stages: int = 1,
 
 def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, seed: int, virtual_stages: int = 1,
                        layers_per_stage: list[int] | None = None,
-                       options: BuildOptions = BuildOptions()) -> list[TransformerStage]:
-    """This rank's model chunks (one per virtual stage it hosts), weights equal to the serial model's."""
+                       options: BuildOptions = BuildOptions(), initialize: bool = True) -> list[TransformerStage]:
+    """This rank's model chunks (one per virtual stage it hosts), weights equal to the serial model's
+    (initialize=False: left uninitialised for weights loaded next)."""
     p, rank = layout.pp.size, layout.pp.rank
     layers = split_layers(cfg.num_layers, p, virtual_stages, layers_per_stage)
     last = p * virtual_stages - 1
@@ -63,7 +64,7 @@ def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, seed: int, virt
     for chunk in range(virtual_stages):
         stage = virtual_stage(rank, chunk, p)
         chunks.append(build_model(cfg, layout, seed, layers[stage], first=stage == 0, last=stage == last,
-                                  options=options))
+                                  options=options, initialize=initialize))
     return chunks
 
 

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_lite.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.layers.embedding import VocabParallelEmbedding, vocab_shard_spec
 from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_linears
-from megatron_lite.models.config import BuildOptions, ModelConfig
+from megatron_lite.models.config import BuildOptions, ModelConfig, RopeScaling
 from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.parallel.random import DropoutRNG, dropout
@@ -63,20 +63,43 @@ class Norm(torch.nn.Module):
         return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
 
 
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Per-pair rotation speeds, in float32 as Hugging Face and Meta's reference code compute them
+    (a model was trained with those roundings: at 8k positions float64 angles differ by ~5e-4 rad)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    old_context = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context / scaling.low_freq_factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 class RotaryEmbedding(torch.nn.Module):
-    """RoPE in the rotate-half convention (as Hugging Face LLaMA checkpoints use)."""
+    """RoPE in the rotate-half convention (as Hugging Face LLaMA checkpoints use). The angles are made
+    per call from the positions (no [max_seq_len, head_dim] tables per layer: at 128k positions those
+    would cost 128 MB each)."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        # Not a buffer: module.to(bfloat16) must not round the frequencies.
+        self._inv_freq = {torch.device("cpu"): rope_inverse_frequencies(head_dim, theta, scaling)}
 
-    def forward(self, x):  # x: [b, heads, s, d]
-        seq = x.shape[-2]
-        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
+        return self._inv_freq[device]
+
+    def forward(self, x, start: int = 0):  # x: [b, heads, s, d]; positions start, start + 1, ...
+        positions = torch.arange(start, start + x.shape[-2], device=x.device, dtype=torch.float32)
+        angles = positions[:, None] * self.inv_freq(x.device)[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -99,7 +122,8 @@ class Attention(torch.nn.Module):
         self.k_proj = ColumnParallelLinear(h, kv_width, tp, num_chunks=kv_chunks, **column)
         self.v_proj = ColumnParallelLinear(h, kv_width, tp, num_chunks=kv_chunks, **column)
         self.o_proj = RowParallelLinear(h, h, tp, bias=cfg.bias, std=layer_std, sequence_parallel=ctx.sequence_parallel)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
+        self.rope = (RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+                     if cfg.position == "rope" else None)
 
     def forward(self, x):
         projections = (self.q_proj, self.k_proj, self.v_proj)
@@ -210,14 +234,19 @@ class LMHead(torch.nn.Module):
             spec = vocab_shard_spec(cfg.vocab_size, cfg.hidden_size, tp, pad_multiple=cfg.vocab_pad_multiple,
                                     std=cfg.init_std)
             self.weight = make_param(tied(spec, WORD_EMBEDDING, primary=False) if tied_copy else spec)
-        self.vocab_start = tp.rank * vocab_shard_spec(cfg.vocab_size, cfg.hidden_size, tp,
-                                                      pad_multiple=cfg.vocab_pad_multiple).local_shape[0]
+        local_vocab = vocab_shard_spec(cfg.vocab_size, cfg.hidden_size, tp, pad_multiple=cfg.vocab_pad_multiple).local_shape[0]
+        self.vocab_start = tp.rank * local_vocab
+        self.real_columns = min(max(cfg.vocab_size - self.vocab_start, 0), local_vocab)
 
     def output_weight(self) -> torch.Tensor:
         return self._tied[0].weight if self._tied else self.weight
 
     def forward(self, x):
         [logits] = column_parallel_linears(self.norm(x), [self.output_weight()], [None], self.tp, self.sequence_parallel)
+        if self.real_columns < logits.shape[-1]:
+            # Padding ids are no tokens: -inf keeps them out of any softmax, sample or argmax downstream.
+            padding = torch.arange(logits.shape[-1], device=logits.device) >= self.real_columns
+            logits = logits.masked_fill(padding, float("-inf"))
         return logits
 
 
@@ -279,15 +308,21 @@ class TransformerStage(torch.nn.Module):
         return None
 
     def loss(self, local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy [b, s], computed without gathering the vocabulary."""
+        """Per-token cross-entropy [b, s], computed without gathering the vocabulary; 0, with no gradient,
+        where the target is IGNORE_INDEX (-100). The step divides the sum by the global valid count."""
         return vocab_parallel_cross_entropy(local_logits, targets, self.layout.tp, self.head.vocab_start,
                                             self.cfg.vocab_size)
 
 
 def build_model(cfg: ModelConfig, layout: ParallelLayout, seed: int, layer_ids=None, *, first: bool = True,
-                last: bool = True, options: BuildOptions = BuildOptions()) -> TransformerStage:
-    """Build (a stage of) the model with weights equal to the serial model's for the same seed."""
+                last: bool = True, options: BuildOptions = BuildOptions(), initialize: bool = True) -> TransformerStage:
+    """Build (a stage of) the model with weights equal to the serial model's for the same seed
+    (initialize=False: uninitialised memory, for weights loaded next, e.g. from Hugging Face)."""
     layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
     model = TransformerStage(cfg, layout, layer_ids, first=first, last=last, options=options, seed=seed)
-    initialize_parameters(model, seed)
-    return model.to(device=layout.device, dtype=options.dtype)
+    if initialize:
+        initialize_parameters(model, seed)
+        return model.to(device=layout.device, dtype=options.dtype)
+    for param in model.parameters():  # untouched memory of the final dtype: converting would touch every page
+        param.data = torch.empty(param.shape, dtype=options.dtype, device=layout.device)
+    return model.to(device=layout.device)

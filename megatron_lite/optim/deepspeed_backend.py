@@ -37,6 +37,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from megatron_lite.layers.cross_entropy import step_loss_divisor
 from megatron_lite.optim.adamw import uses_weight_decay
 from megatron_lite.optim.clip import counts_in_norm
 from megatron_lite.optim.optimizer import OptimizerConfig
@@ -273,19 +274,24 @@ def build_deepspeed_engine(chunks: list[torch.nn.Module], layout: ParallelLayout
 def deepspeed_train_step(engine, tokens: torch.Tensor, targets: torch.Tensor, layout: ParallelLayout,
                          microbatches: int) -> float:
     """One optimizer step on this rank's batch (forward/backward per microbatch, DeepSpeed accumulates,
-    reduces over DP and steps at the last one); returns the DP-averaged mean loss, as `train_step`."""
+    reduces over DP and steps at the last one); returns the mean loss over the valid targets of the
+    global batch, and takes the gradients of it, by the same rule as `train_step` (see
+    `step_loss_divisor`)."""
     if engine.gradient_accumulation_steps() != microbatches:
         raise ValueError(f"the engine accumulates over {engine.gradient_accumulation_steps()} microbatches, "
                          f"the step was given microbatches={microbatches}")
     model = engine.module
+    divisor = step_loss_divisor(targets, layout.dp, layout.device)
     loss_sum = torch.zeros((), device=layout.device)
     for token_mb, target_mb in zip(split_microbatches(tokens, microbatches), split_microbatches(targets, microbatches)):
         logits = engine(token_mb.to(layout.device))
-        loss = model.loss(logits, target_mb.to(layout.device)).mean()
-        engine.backward(loss)  # DeepSpeed divides by the accumulation steps, as our executor does
+        loss = model.loss(logits, target_mb.to(layout.device)).sum() / divisor
+        # The divisor already spans all microbatches (and DP ranks, whose average DeepSpeed takes as the
+        # divisor expects): no further division by the accumulation steps.
+        engine.backward(loss, scale_wrt_gas=False)
         engine.step()  # an update only after the last microbatch
         loss_sum += loss.detach()
-    return comm.all_reduce(loss_sum / microbatches, layout.dp, op="avg").item()
+    return comm.all_reduce(loss_sum, layout.dp, op="avg").item()
 
 
 def deepspeed_step_stats(engine) -> dict:

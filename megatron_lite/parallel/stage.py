@@ -9,7 +9,8 @@ checkpointed and pipelined by the same code:
                          its placement: shards, gradient reductions, ties between stages;
 - `__call__(x)`          the stage's forward: token ids or hidden states in, hidden states or (last
                          stage) the outputs `loss` takes;
-- `loss(output, targets)` per-token losses of the last stage (the executor averages them);
+- `loss(output, targets)` per-token losses of the last stage (0 where the target is ignored; the step
+                         divides their sum by the valid targets of the global batch);
 - `auxiliary_loss()`     a scalar added to the objective by the last forward of this stage (already
                          weighted, averaged over this rank's tokens like the main loss), or None; it is
                          backpropagated with the stage's backward, on every stage that has one;

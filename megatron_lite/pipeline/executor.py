@@ -20,6 +20,9 @@
   can be tested, on CPU (gloo's sends complete only once the receive is posted, like NCCL's rendezvous).
 - Between virtual stages that live on the same rank (pp=1 with several model chunks) the tensors are
   handed over locally, without a message.
+- The loss of a microbatch is the sum of its per-token losses divided by one divisor for the whole step
+  (not its own mean): with ignored targets microbatches hold different numbers of valid tokens, and
+  only a common divisor makes the step's loss the mean over its tokens, whatever the split.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Callable
 import torch
 from torch.autograd import Variable
 
+from megatron_lite.layers.cross_entropy import IGNORE_INDEX
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.pipeline.program import Transfer, build_programs, completion_points, default_batching
@@ -105,9 +109,18 @@ class PipelineExecutor:
         return 0 <= stage < self.plan.num_virtual_stages and stage % self.plan.num_stages == self.rank
 
     def run(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, forward_only: bool = False,
-            loss_scale: float = 1.0, before_last_backward: Callable[[int], None] | None = None) -> torch.Tensor:
-        """One step over the microbatches; returns the sum of their mean losses divided by their number
-        (meaningful on the rank holding the last stage, zero elsewhere). Gradients accumulate in .grad.
+            loss_scale: float = 1.0, before_last_backward: Callable[[int], None] | None = None,
+            loss_divisor: float | None = None) -> torch.Tensor:
+        """One step over the microbatches; returns the sum over them of their summed per-token losses
+        divided by `loss_divisor` (meaningful on the rank holding the last stage, zero elsewhere), which
+        is also what is backpropagated. Gradients accumulate in .grad.
+
+        loss_divisor: None: the number of valid (not IGNORE_INDEX) targets in `targets`, so the loss is
+            the mean over this rank's tokens; `run_schedule` passes the step's count over all DP ranks
+            divided by the DP size (the gradient sync averages over DP), so the DP average of the
+            returned losses and of the gradients is the mean over the global batch. With no valid target
+            every per-token loss is 0 with no gradient, and a divisor of 0 is taken as 1: the loss is 0
+            (where a mean, as F.cross_entropy's, would be 0/0 = nan).
 
         loss_scale: multiplies the loss before backward (fp16 dynamic loss scaling); the returned loss
             is unscaled.
@@ -122,6 +135,9 @@ class PipelineExecutor:
         self.outputs: dict[int, torch.Tensor] = {}
         state = _InFlight()
         self.loss_scale, self.before_last_backward = loss_scale, before_last_backward
+        if loss_divisor is None and targets is not None:
+            loss_divisor = sum(int((t != IGNORE_INDEX).sum()) for t in targets)
+        self.loss_divisor = loss_divisor if loss_divisor else 1.0
         self.backwards_done = [0] * len(self.chunks)
         loss_sum = torch.zeros((), device=self.layout.device)
         for step in programs[self.rank]:
@@ -157,8 +173,7 @@ class PipelineExecutor:
                 self.outputs[action.microbatch] = output
                 return None
             if stage == self.last_stage:
-                loss = self.chunks[action.chunk].loss(output, targets[action.microbatch]).mean()
-                output = loss / self.plan.num_microbatches
+                output = self.chunks[action.chunk].loss(output, targets[action.microbatch]).sum() / self.loss_divisor
             auxiliary = self.chunks[action.chunk].auxiliary_loss()
         if not forward_only:
             state.inputs[key] = stage_input

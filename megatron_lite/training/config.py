@@ -28,17 +28,30 @@ DATASETS = ("shakespeare", "indexed")
 TOKENIZERS = ("byte", "hf")
 
 
-def _model_schema():
-    """conf/model/*.yaml: the fields of `ModelConfig` (derived, so the two cannot drift) plus a name;
-    fields without a default in ModelConfig must be given by the YAML."""
-    hints = typing.get_type_hints(ModelConfig)
-    spec = [("name", str, field(default=MISSING))]
-    for f in dataclasses.fields(ModelConfig):
+def _schema(cls, name: str, extra=()):
+    """A mutable dataclass with `cls`'s fields (derived, so the two cannot drift) for OmegaConf, which
+    treats frozen dataclasses as read-only; nested frozen dataclasses get their own schema."""
+    hints = typing.get_type_hints(cls)
+    spec = list(extra)
+    for f in dataclasses.fields(cls):
         default = MISSING if f.default is dataclasses.MISSING else f.default
-        spec.append((f.name, hints[f.name], field(default=default)))
-    schema = dataclasses.make_dataclass("ModelSchema", spec)
+        hint = hints[f.name]
+        nested = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        if nested:
+            nested_schema = _schema(nested[0], f"{nested[0].__name__}Schema")
+            hint = typing.Optional[nested_schema]
+        spec.append((f.name, hint, field(default=default)))
+    schema = dataclasses.make_dataclass(name, spec)
     schema.__module__ = __name__  # so configs holding it pickle to spawned ranks
+    globals()[name] = schema
     return schema
+
+
+def _model_schema():
+    """conf/model/*.yaml: the fields of `ModelConfig` plus a name and, for `model=hf`, the Hugging Face
+    directory the other fields come from; fields without a default in ModelConfig must be given by the YAML."""
+    return _schema(ModelConfig, "ModelSchema", [("name", str, field(default=MISSING)),
+                                                ("path", typing.Optional[str], field(default=None))])
 
 
 ModelSchema = _model_schema()
@@ -160,7 +173,7 @@ class RunConfig:
 
     def model_config(self) -> ModelConfig:
         values = asdict(self.model)
-        values.pop("name")
+        values.pop("name"), values.pop("path")
         return ModelConfig(**values)
 
     def build_options(self) -> BuildOptions:
@@ -171,8 +184,39 @@ class RunConfig:
         return asdict(self)
 
 
+# With model.path (model=hf), these stay the run's choice; every other field comes from config.json.
+HF_RUN_CHOICES = ("name", "path", "vocab_pad_multiple", "dropout")
+
+
+def _from_hf_directory(composed: DictConfig | dict) -> DictConfig | dict:
+    """model.path set: the architecture from that Hugging Face directory's config.json, and its
+    tokenizer.json as the data tokenizer unless data.tokenizer_path names another."""
+    model = composed.get("model") or {}
+    if isinstance(model, DictConfig) and OmegaConf.is_missing(model, "path"):
+        return composed  # the schema merge names the missing model.path
+    path = model.get("path") if hasattr(model, "get") else None
+    if not path:
+        return composed
+    from megatron_lite.interop.families import model_config_from_hf
+    from megatron_lite.interop.hf_dir import HFDirectory
+
+    directory = HFDirectory(path)
+    fields = asdict(model_config_from_hf(directory.config))
+    composed = OmegaConf.create(OmegaConf.to_container(composed) if isinstance(composed, DictConfig) else composed)
+    for key, value in fields.items():
+        if key not in HF_RUN_CHOICES:
+            composed.model[key] = value
+    composed.model.path = directory.path
+    tokenizer = directory.tokenizer_file()
+    data = composed.get("data")
+    if tokenizer and data is not None and not data.get("tokenizer_path"):
+        data.tokenizer, data.tokenizer_path = "hf", tokenizer
+    return composed
+
+
 def to_run_config(composed: DictConfig | dict) -> RunConfig:
     """Typed config from a composed one; unknown keys and wrong types raise ValueError naming the key."""
+    composed = _from_hf_directory(composed)
     try:
         schema = OmegaConf.structured(RunConfig)
         merged = OmegaConf.merge(schema, composed)

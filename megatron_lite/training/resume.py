@@ -131,12 +131,13 @@ def saved_model_config(directory: str, step: int) -> dict | None:
 
 def model_differences(saved: dict, current: dict) -> list[str]:
     """'model.num_layers: checkpoint 4, this run 2' for every architecture field that differs (the
-    preset's name is only a label)."""
+    preset's name and the Hugging Face directory it came from are only labels; a field absent from an
+    older checkpoint equals null)."""
     out = []
     for key in sorted(set(saved) | set(current)):
-        if key == "name":
+        if key in ("name", "path"):
             continue
-        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        old, new = saved.get(key), current.get(key)
         if old != new and not (isinstance(old, (int, float)) and isinstance(new, (int, float)) and float(old) == float(new)):
             out.append(f"model.{key}: checkpoint {old!r}, this run {new!r}")
     return out

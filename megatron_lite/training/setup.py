@@ -50,6 +50,10 @@ def check_run_config(cfg: RunConfig, world_size: int) -> None:
     except ValueError as err:
         raise ValueError(f"model ({cfg.model.name}): {err}") from None
     check_model_fits_layout(model_cfg, sizes)
+    if cfg.model.path is not None:  # headers only: complete files, every tensor there with its shape
+        from megatron_lite.interop.load import check_hf_directory
+
+        check_hf_directory(cfg.model.path, model_cfg)
     pipeline_plan(cfg)
     split_layers(model_cfg.num_layers, sizes.pp, cfg.parallel.virtual_stages, cfg.parallel.layers_per_stage)
     seq = cfg.trainer.seq_length
@@ -148,9 +152,21 @@ class Trainable:
     step: Callable[..., tuple[float, dict]]  # step(tokens, targets) -> (loss, stats)
 
 
-def build_trainable(cfg: RunConfig, layout: ParallelLayout, plan: PipelinePlan) -> Trainable:
+def build_chunks(cfg: RunConfig, layout: ParallelLayout) -> list:
+    """This rank's model chunks: from the Hugging Face directory model.path (its own slices only), or
+    the serial random initialisation."""
+    from_hf = cfg.model.path is not None
     chunks = build_model_chunks(cfg.model_config(), layout, cfg.seed, cfg.parallel.virtual_stages,
-                                cfg.parallel.layers_per_stage, options=cfg.build_options())
+                                cfg.parallel.layers_per_stage, options=cfg.build_options(), initialize=not from_hf)
+    if from_hf:
+        from megatron_lite.interop.load import load_hf_weights
+
+        load_hf_weights(chunks, cfg.model.path, cfg.model_config())
+    return chunks
+
+
+def build_trainable(cfg: RunConfig, layout: ParallelLayout, plan: PipelinePlan) -> Trainable:
+    chunks = build_chunks(cfg, layout)
     if cfg.optim.backend == "deepspeed":
         from megatron_lite.optim import deepspeed_backend as ds
 
