@@ -33,6 +33,16 @@ TINY_MODELS = {
                               init_std=0.1),
     "llama_deep": llama_config(vocab_size=101, hidden_size=16, num_layers=8, num_heads=2, num_kv_heads=1,
                                ffn_hidden_size=32, max_seq_len=SEQ, init_std=0.1),
+    # Mixtral-style: every layer MoE, softmax then top-2, renormalised, balancing and z losses.
+    "moe": llama_config(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                        ffn_hidden_size=64, max_seq_len=SEQ, init_std=0.1,
+                        moe=dict(num_experts=4, top_k=2, expert_ffn_hidden_size=32, normalize_topk=True,
+                                 aux_loss_coeff=0.01, z_loss_coeff=0.001)),
+    # Eight experts, top-1, top-k-then-softmax, one shared expert, MoE only in the second layer.
+    "moe_e8": llama_config(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                           ffn_hidden_size=64, max_seq_len=SEQ, init_std=0.1,
+                           moe=dict(num_experts=8, top_k=1, expert_ffn_hidden_size=16, router_order="topk_softmax",
+                                    num_shared_experts=1, layer_freq=2, aux_loss_coeff=0.01, z_loss_coeff=0.001)),
 }
 # Adam divides each gradient element by its own magnitude: an element near eps moves by up to lr
 # when fp32 summation order changes it in the 8th digit (TP splits the matmul sums). LLaMA's eps
@@ -49,6 +59,7 @@ class Case:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    ep: int = 1  # carved from dp
     microbatches: int = 1
     schedule: str = "1f1b"
     virtual_stages: int = 1
@@ -64,7 +75,8 @@ class Case:
         return self.tp * self.pp * self.dp
 
     def __str__(self) -> str:
-        text = f"{self.model} tp={self.tp} pp={self.pp} dp={self.dp} m={self.microbatches}"
+        text = f"{self.model} tp={self.tp} pp={self.pp} dp={self.dp}" + (f" ep={self.ep}" if self.ep > 1 else "")
+        text += f" m={self.microbatches}"
         if self.pp > 1 or self.virtual_stages > 1 or self.schedule != "1f1b":
             text += f" {self.schedule}" + (f" v={self.virtual_stages}" if self.virtual_stages > 1 else "")
         for flag, label in ((self.sequence_parallel, "sp"), (self.zero1, "zero1")):
@@ -164,7 +176,7 @@ def _full(chunks, layout, grads: dict[str, torch.Tensor] | None = None) -> dict[
         tie = spec_of(param).tie
         key = WORD_EMBEDDING + "@last_stage" if tie is not None and not tie.primary else name
         local = grads[name] if grads is not None else param.data
-        mine[key] = gather_full(local, spec_of(param), layout.tp).clone()
+        mine[key] = gather_full(local, spec_of(param), layout).clone()
     merged = {}
     for part in comm.all_gather_object(mine, layout.pp):
         merged.update(part)
@@ -175,14 +187,16 @@ def parallel_worker(rank: int, world: int, case: Case):
     if case.receive_lookahead is not None:  # this process only
         from megatron_lite.pipeline import executor
         executor.RECEIVE_LOOKAHEAD = case.receive_lookahead
-    layout = ParallelLayout.from_mesh(ParallelSizes(tp=case.tp, pp=case.pp, dp=case.dp))
+    layout = ParallelLayout.from_mesh(ParallelSizes(tp=case.tp, pp=case.pp, dp=case.dp, ep=case.ep))
     record = run_training(case, layout)
     return record if rank == 0 else None
 
 
-def serial_reference(model_name: str, grad_clip: float | None = None) -> dict:
-    """One process, same model and optimizer settings (ZeRO-1 and bucketing are trivial with dp=1)."""
-    return run_training(Case(model_name, grad_clip=grad_clip), ParallelLayout.serial())
+def serial_reference(model_name: str, grad_clip: float | None = None, microbatches: int = 1) -> dict:
+    """One process, same model and optimizer settings (ZeRO-1 and bucketing are trivial with dp=1).
+    An MoE model's balancing loss is defined per micro batch: its reference runs the parallel case's
+    micro batch size (dp x m microbatches)."""
+    return run_training(Case(model_name, grad_clip=grad_clip, microbatches=microbatches), ParallelLayout.serial())
 
 
 # The key bias cannot change the output (softmax is invariant to adding a constant per query), so

@@ -35,7 +35,7 @@ def _masks(rank, world, sequence_parallel):
     from megatron_lite.models.transformer import StageContext
 
     ctx = StageContext(gpt2_config(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2, dropout=0.5), layout.tp,
-                       BuildOptions(sequence_parallel=sequence_parallel), rng)
+                       BuildOptions(sequence_parallel=sequence_parallel), rng, layout.group("ep"))
     residual = dropout(ones, 0.5, ctx.residual_generator(), True)
     return replicated, tensor_parallel, residual
 

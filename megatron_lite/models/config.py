@@ -40,6 +40,67 @@ class RopeScaling:
                              f"{self.original_max_position_embeddings} must be >= 1")
 
 
+ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
+AUX_LOSS_SCOPES = ("micro_batch",)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts feed-forward layers.
+
+    layers: the MoE layer indices (null: every `layer_freq`-th layer, counting from the last of each
+    group, so layer_freq=1 makes every layer MoE and 2 every second one). router_order: softmax over
+    all experts then top-k (Mixtral, OLMoE) or top-k logits then softmax over them; normalize_topk
+    rescales the k weights to sum to 1 (Mixtral, Qwen-MoE with norm_topk_prob). aux_loss_coeff: the
+    Switch/GShard balancing loss E * sum_e f_e * P_e, z_loss_coeff: the router z-loss mean(lse^2), both
+    over the tokens of one micro batch (scope "micro_batch": micro_batch_size sequences, whatever the
+    layout). Routing is dropless."""
+
+    num_experts: int
+    top_k: int = 2
+    expert_ffn_hidden_size: int | None = None  # null: the model's ffn_hidden_size
+    num_shared_experts: int = 0  # always-on experts of expert_ffn_hidden_size each (Qwen-MoE, DeepSeek)
+    layer_freq: int = 1
+    layers: tuple[int, ...] | None = None
+    router_order: str = "softmax_topk"
+    normalize_topk: bool = False
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.0
+    aux_loss_scope: str = "micro_batch"
+    grouped_mm: bool = True  # torch._grouped_mm for the experts (a per-expert loop otherwise)
+
+    def __post_init__(self):
+        if self.layers is not None and not isinstance(self.layers, tuple):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.num_experts < 1:
+            raise ValueError(f"model.moe.num_experts={self.num_experts} must be >= 1")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"model.moe.top_k={self.top_k} must be between 1 and model.moe.num_experts="
+                             f"{self.num_experts}")
+        for name in ("expert_ffn_hidden_size",):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"model.moe.{name}={getattr(self, name)} must be >= 1 (or null)")
+        if self.num_shared_experts < 0 or self.layer_freq < 1:
+            raise ValueError(f"model.moe.num_shared_experts={self.num_shared_experts} must be >= 0 and "
+                             f"model.moe.layer_freq={self.layer_freq} >= 1")
+        if self.router_order not in ROUTER_ORDERS:
+            raise ValueError(f"model.moe.router_order={self.router_order!r} is not one of {ROUTER_ORDERS}")
+        if self.aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise ValueError(f"model.moe.aux_loss_scope={self.aux_loss_scope!r} is not one of {AUX_LOSS_SCOPES}")
+        if self.aux_loss_coeff < 0 or self.z_loss_coeff < 0:
+            raise ValueError(f"model.moe.aux_loss_coeff={self.aux_loss_coeff} and z_loss_coeff={self.z_loss_coeff} "
+                             "must be >= 0")
+
+    def moe_layers(self, num_layers: int) -> tuple[int, ...]:
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"model.moe.layers={list(self.layers)} names layer(s) {bad} outside the model's "
+                                 f"{num_layers} layers (0..{num_layers - 1})")
+            return tuple(sorted(set(self.layers)))
+        return tuple(i for i in range(num_layers) if i % self.layer_freq == self.layer_freq - 1)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -60,10 +121,13 @@ class ModelConfig:
     init_std: float = 0.02
     vocab_pad_multiple: int = 1  # vocabulary padded to a multiple of tp * this (Megatron uses 128)
     dropout: float = 0.0  # on attention probabilities and on each residual branch
+    moe: MoEConfig | None = None  # mixture-of-experts feed-forward layers; null: dense
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # from a YAML mapping or dataclasses.asdict
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
         for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("position", POSITIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -91,6 +155,8 @@ class ModelConfig:
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head dim, got {self.head_dim}")
+        if self.moe is not None:
+            self.moe.moe_layers(self.num_layers)
         if self.rope_scaling is not None and self.position != "rope":
             raise ValueError(f"model.rope_scaling is set but model.position={self.position!r}; it needs rope")
 
@@ -105,6 +171,13 @@ class ModelConfig:
     @property
     def ffn_size(self) -> int:
         return 4 * self.hidden_size if self.ffn_hidden_size is None else self.ffn_hidden_size
+
+    @property
+    def expert_ffn_size(self) -> int:
+        return self.moe.expert_ffn_hidden_size or self.ffn_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer in self.moe.moe_layers(self.num_layers)
 
     def with_(self, **changes) -> "ModelConfig":
         return replace(self, **changes)
@@ -157,6 +230,11 @@ def check_model_fits_layout(cfg: ModelConfig, sizes: ParallelSizes) -> None:
         )
     if cfg.ffn_size % tp:
         raise ValueError(f"model.ffn_hidden_size={cfg.ffn_size} is not divisible by parallel.tp={tp}")
+    if cfg.moe is not None and cfg.moe.num_experts % sizes.ep:
+        raise ValueError(f"model.moe.num_experts={cfg.moe.num_experts} is not divisible by parallel.ep={sizes.ep}; "
+                         f"choose ep among {_divisors(cfg.moe.num_experts)} (and dividing parallel.dp)")
+    if cfg.moe is None and sizes.ep > 1:
+        raise ValueError(f"parallel.ep={sizes.ep} needs a mixture-of-experts model (model.moe); use ep=1")
     if cfg.num_layers < pp:
         raise ValueError(
             f"model.num_layers={cfg.num_layers} is smaller than parallel.pp={pp}: every pipeline stage "

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_lite.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.layers.embedding import VocabParallelEmbedding, vocab_shard_spec
 from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_linears
+from megatron_lite.layers.moe import MoEBlock
 from megatron_lite.models.config import BuildOptions, ModelConfig, RopeScaling
 from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.layout import ParallelLayout
@@ -35,6 +36,7 @@ class StageContext:
     tp: CommGroup
     options: BuildOptions
     rng: DropoutRNG
+    ep: CommGroup  # the experts of MoE layers are split over it
 
     @property
     def sequence_parallel(self) -> bool:
@@ -154,11 +156,11 @@ class Attention(torch.nn.Module):
 
 
 class MLP(torch.nn.Module):
-    def __init__(self, ctx: StageContext, layer_std: float):
+    def __init__(self, ctx: StageContext, layer_std: float, ffn_size: int | None = None):
         super().__init__()
         cfg, tp = ctx.cfg, ctx.tp
         self.ctx, self.activation = ctx, cfg.activation
-        h, f = cfg.hidden_size, cfg.ffn_size
+        h, f = cfg.hidden_size, ffn_size or cfg.ffn_size
         column = dict(bias=cfg.bias, std=cfg.init_std, enter_region=False)
         self.up_proj = ColumnParallelLinear(h, f, tp, **column)
         self.gate_proj = ColumnParallelLinear(h, f, tp, **column) if cfg.activation == "swiglu" else None
@@ -172,8 +174,18 @@ class MLP(torch.nn.Module):
         return self.down_proj(hidden)
 
 
+def feed_forward(ctx: StageContext, layer: int, layer_std: float) -> torch.nn.Module:
+    """The layer's MLP, or its mixture of experts (with the shared experts as one dense MLP)."""
+    cfg = ctx.cfg
+    if not cfg.is_moe_layer(layer):
+        return MLP(ctx, layer_std)
+    shared = cfg.moe.num_shared_experts
+    return MoEBlock(cfg, ctx.tp, ctx.ep, ctx.sequence_parallel, layer_std,
+                    shared=MLP(ctx, layer_std, shared * cfg.expert_ffn_size) if shared else None)
+
+
 class TransformerLayer(torch.nn.Module):
-    def __init__(self, ctx: StageContext):
+    def __init__(self, ctx: StageContext, layer: int):
         super().__init__()
         # GPT-2's scaled init of the projections that write into the residual stream.
         layer_std = ctx.cfg.init_std / math.sqrt(2 * ctx.cfg.num_layers)
@@ -181,7 +193,7 @@ class TransformerLayer(torch.nn.Module):
         self.attn_norm = Norm(ctx)
         self.attention = Attention(ctx, layer_std)
         self.mlp_norm = Norm(ctx)
-        self.mlp = MLP(ctx, layer_std)
+        self.mlp = feed_forward(ctx, layer, layer_std)
 
     def forward(self, x):
         if self.ctx.options.recompute == "full" and torch.is_grad_enabled():
@@ -263,14 +275,14 @@ class TransformerStage(torch.nn.Module):
         self.cfg, self.layout, self.options = cfg, layout, options
         layer_ids = list(layer_ids)
         stream = f"layers{layer_ids[0] if layer_ids else 'none'}"
-        ctx = StageContext(cfg, layout.tp, options, DropoutRNG(seed, layout, stream))
+        ctx = StageContext(cfg, layout.tp, options, DropoutRNG(seed, layout, stream), layout.group("ep"))
         self.embedding = Embedding(ctx) if first else None
         if first and not last and cfg.tie_embeddings:  # the head's copy lives on another stage
             word = self.embedding.word.weight
             word.shard_spec = tied(spec_of(word), WORD_EMBEDDING, primary=True)
         self.rng = ctx.rng
         self.layer_ids = layer_ids
-        self.layers = torch.nn.ModuleDict({str(i): TransformerLayer(ctx) for i in layer_ids})
+        self.layers = torch.nn.ModuleDict({str(i): TransformerLayer(ctx, i) for i in layer_ids})
         self.head = None
         if last:
             tied_here = cfg.tie_embeddings and first
@@ -303,9 +315,13 @@ class TransformerStage(torch.nn.Module):
         a checkpoint restores them only into a stage of the same name."""
         return {f"{self.rng.name}/layers{','.join(map(str, self.layer_ids))}": self.rng}
 
+    def moe_blocks(self) -> dict[int, MoEBlock]:
+        return {int(i): layer.mlp for i, layer in self.layers.items() if isinstance(layer.mlp, MoEBlock)}
+
     def auxiliary_loss(self) -> torch.Tensor | None:
-        """Extra loss terms of the last forward (none in a dense transformer)."""
-        return None
+        """The MoE layers' balancing and z losses of the last forward (None in a dense transformer)."""
+        losses = [b.last_auxiliary_loss for b in self.moe_blocks().values() if b.last_auxiliary_loss is not None]
+        return torch.stack(losses).sum() if losses else None
 
     def loss(self, local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy [b, s], computed without gathering the vocabulary; 0, with no gradient,
@@ -326,3 +342,14 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, seed: int, layer_ids=N
     for param in model.parameters():  # untouched memory of the final dtype: converting would touch every page
         param.data = torch.empty(param.shape, dtype=options.dtype, device=layout.device)
     return model.to(device=layout.device)
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameters of the serial model: active counts, in each MoE layer, only the top_k
+    experts a token goes through (and the router and shared experts). Built on the meta device."""
+    with torch.device("meta"):
+        model = TransformerStage(cfg, ParallelLayout.serial(), range(cfg.num_layers), first=True, last=True)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = sum(p.numel() // cfg.moe.num_experts * (cfg.moe.num_experts - cfg.moe.top_k)
+                   for block in model.moe_blocks().values() for p in block.experts.parameters())
+    return total, total - inactive

@@ -14,6 +14,8 @@ The autograd regions are Megatron's conjugate pairs:
 
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -45,9 +47,14 @@ class CommStats:
     bytes: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     calls: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     wire_bytes: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    trace: list[tuple[str, str]] | None = None  # a list: every (group, op) in call order (tests, debugging)
 
     def record(self, group: str, op: str, tensor: torch.Tensor, group_size: int = 2) -> None:
-        size = tensor.numel() * tensor.element_size()
+        self.record_bytes(group, op, tensor.numel() * tensor.element_size(), group_size)
+
+    def record_bytes(self, group: str, op: str, size: int, group_size: int = 2) -> None:
+        if self.trace is not None:
+            self.trace.append((group, op))
         self.bytes[(group, op)] += size
         self.calls[(group, op)] += 1
         self.wire_bytes[(group, op)] += size * _WIRE_FACTOR.get(op, lambda n: 1.0)(group_size)
@@ -123,6 +130,48 @@ def reduce_scatter(tensor: torch.Tensor, g: CommGroup, dim: int = 0) -> torch.Te
     out = torch.empty((full.shape[0] // g.size,) + tuple(full.shape[1:]), dtype=full.dtype, device=full.device)
     _reduce_scatter_single(out, full, group=g.group)
     return out.movedim(0, dim)
+
+
+def all_to_all(tensor: torch.Tensor, g: CommGroup, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    """Rows of `tensor` go out in group-rank order, send_counts[j] of them to rank j; returns the
+    recv_counts[j] rows from each rank j, in rank order. Zero rows to or from any rank is fine. Counted:
+    the bytes this rank sends to the other ranks (its own rows stay here)."""
+    if g.size == 1:
+        return tensor
+    row_bytes = math.prod(tensor.shape[1:]) * tensor.element_size()
+    g.stats.record_bytes(g.name, "all_to_all", (sum(send_counts) - send_counts[g.rank]) * row_bytes, g.size)
+    out = tensor.new_empty((sum(recv_counts),) + tuple(tensor.shape[1:]))
+    dist.all_to_all_single(out, tensor.contiguous(), recv_counts, send_counts, group=g.group)
+    return out
+
+
+def exchange_counts(counts: torch.Tensor, g: CommGroup) -> torch.Tensor:
+    """counts [g.size, ...]: row j goes to rank j; returns the rows every rank sent here, by rank (the
+    sizes an all-to-all of variable length needs first). Counted as `all_to_all_counts`."""
+    if g.size == 1:
+        return counts
+    rows = [1] * g.size
+    g.stats.record_bytes(g.name, "all_to_all_counts", (g.size - 1) * counts[0].numel() * counts.element_size(), g.size)
+    out = torch.empty_like(counts)
+    dist.all_to_all_single(out, counts.contiguous(), rows, rows, group=g.group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g, send_counts, recv_counts):
+        ctx.g, ctx.counts = g, (send_counts, recv_counts)
+        return all_to_all(x, g, send_counts, recv_counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_counts, recv_counts = ctx.counts
+        return all_to_all(grad.contiguous(), ctx.g, recv_counts, send_counts), None, None, None
+
+
+def all_to_all_rows(x: torch.Tensor, g: CommGroup, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    """`all_to_all` under autograd: the gradient of each row travels back to the rank it came from."""
+    return x if g.size == 1 else _AllToAll.apply(x, g, list(send_counts), list(recv_counts))
 
 
 def split_for_rank(tensor: torch.Tensor, g: CommGroup, dim: int) -> torch.Tensor:

@@ -37,7 +37,10 @@ def _schema(cls, name: str, extra=()):
         default = MISSING if f.default is dataclasses.MISSING else f.default
         hint = hints[f.name]
         nested = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
-        if nested:
+        tuples = [a for a in typing.get_args(hint) if typing.get_origin(a) is tuple]
+        if tuples:  # OmegaConf has lists, not tuples
+            hint = typing.Optional[list[typing.get_args(tuples[0])[0]]]
+        elif nested:
             nested_schema = _schema(nested[0], f"{nested[0].__name__}Schema")
             hint = typing.Optional[nested_schema]
         spec.append((f.name, hint, field(default=default)))
@@ -62,6 +65,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     dp: int | None = 1  # null: the launcher's world size / (tp * pp)
+    ep: int = 1  # expert parallelism, carved from dp (must divide it): each EP rank holds experts / ep
     schedule: str = "1f1b"
     virtual_stages: int = 1
     layers_per_stage: list[int] | None = None  # uneven split: layers per virtual stage, in order; null: even

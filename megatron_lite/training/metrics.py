@@ -37,11 +37,18 @@ from megatron_lite.models.config import RECOMPUTE, ModelConfig
 GIB = 1024**3
 
 
-def _layer_forward_flops(cfg: ModelConfig, seq_length: int) -> tuple[float, float]:
-    """(dense matmuls, attention core) forward FLOPs per token of one transformer layer."""
+def _layer_forward_flops(cfg: ModelConfig, seq_length: int, layer: int = 0) -> tuple[float, float]:
+    """(dense matmuls, attention core) forward FLOPs per token of one transformer layer. An MoE layer
+    counts what a token really goes through (active parameters): the router, its top_k experts and the
+    shared experts."""
     h, kv_width = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
     projections = 2 * h * (h + 2 * kv_width + h)  # q, k, v (GQA: kv_heads * head_dim wide), o
-    mlp = 2 * h * cfg.ffn_size * (3 if cfg.activation == "swiglu" else 2)  # up (+ gate), down
+    matrices = 3 if cfg.activation == "swiglu" else 2  # up (+ gate), down
+    if cfg.is_moe_layer(layer):
+        moe = cfg.moe
+        mlp = 2 * h * moe.num_experts + 2 * h * cfg.expert_ffn_size * matrices * (moe.top_k + moe.num_shared_experts)
+    else:
+        mlp = 2 * h * cfg.ffn_size * matrices
     attention_core = 2 * 2 * seq_length * h  # q k^T and p v over all query heads, full s x s matrix
     return projections + mlp, attention_core
 
@@ -54,9 +61,10 @@ def model_flops_per_token(cfg: ModelConfig, seq_length: int, recompute: str = "n
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r} is not one of {RECOMPUTE}")
-    dense, core = _layer_forward_flops(cfg, seq_length)
+    per_layer = [_layer_forward_flops(cfg, seq_length, layer) for layer in range(cfg.num_layers)]
+    core = per_layer[0][1]
     logits = 2 * cfg.hidden_size * padded_vocab_size(cfg.vocab_size, tp_size, cfg.vocab_pad_multiple)
-    layers_forward = cfg.num_layers * (dense + core)
+    layers_forward = sum(dense + attention for dense, attention in per_layer)
     extra = {"none": 0.0, "full": layers_forward, "selective": cfg.num_layers * core}[recompute]
     return 3 * (layers_forward + logits) + extra
 

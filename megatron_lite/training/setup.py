@@ -43,7 +43,7 @@ def check_run_config(cfg: RunConfig, world_size: int) -> None:
     check_values(cfg)
     if cfg.parallel.dp is None or cfg.parallel.dp < 1:
         raise ValueError(f"parallel.dp={cfg.parallel.dp!r} must be a positive integer (or null under a launcher)")
-    sizes = ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp)
+    sizes = ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, ep=cfg.parallel.ep)
     check_sizes(sizes, world_size)
     try:
         model_cfg = cfg.model_config()
@@ -109,7 +109,7 @@ def build_layout(cfg: RunConfig) -> ParallelLayout:
     if not dist.is_initialized():
         choice = choose_device(cfg.parallel.device, 1, visible_gpus())
         return ParallelLayout.serial(device=rank_device(choice, 0))
-    return ParallelLayout.from_mesh(ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp),
+    return ParallelLayout.from_mesh(ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, ep=cfg.parallel.ep),
                                     retain_host_memory=True)
 
 
