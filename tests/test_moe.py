@@ -147,7 +147,7 @@ def hard_case_step(layout, collapse: bool, trace: bool = False):
     sequence = list(layout.stats.trace or [])
     layout.stats.trace = None
     return {"loss": loss, "grads": _full(chunks, layout, reduced_grads(optimizer)), "trace": sequence,
-            "tokens": [b.take_tokens_per_expert().tolist() for b in chunks[0].moe_blocks().values()]}
+            "tokens": [b.load.take()[0].tolist() for b in chunks[0].moe_blocks().values()]}
 
 
 def hard_worker(rank, world, collapse):
@@ -227,3 +227,42 @@ def test_presets_have_the_published_parameter_counts(preset, total, active):
     counted_total, counted_active = parameter_counts(cfg)  # published figures have 3 significant digits
     assert counted_total / 1e9 == pytest.approx(total, rel=5e-3)
     assert counted_active / 1e9 == pytest.approx(active, rel=5e-3)
+
+
+# ---- checkpoints move between EP sizes -----------------------------------------------------------------
+
+def checkpoint_worker(rank, world, sizes: ParallelSizes, root: str, load: bool, steps: tuple[int, int]):
+    """Train steps [first, last) of the global batches on `sizes` (from the checkpoint under root if
+    `load`, saving one at the end otherwise); micro batches of 6 sequences in every layout."""
+    from megatron_lite.checkpoint.checkpoint import load_checkpoint, save_checkpoint
+
+    layout = ParallelLayout.from_mesh(sizes) if world > 1 else ParallelLayout.serial()
+    cfg = equivalence.TINY_MODELS["moe"]
+    chunks = build_model_chunks(cfg, layout, equivalence.SEED)
+    optimizer = build_optimizer(chunks, layout, OptimizerConfig(lr=1e-3, eps=1e-5))
+    if load:
+        load_checkpoint(root, chunks, optimizer, layout)
+    plan = build_schedule("1f1b", sizes.pp, 4 // sizes.dp)
+    losses = []
+    for step, (tokens, targets) in enumerate(equivalence.global_batches(cfg.vocab_size, steps=steps[1])):
+        if step < steps[0]:
+            continue
+        dp = layout.dp
+        loss, _ = train_step(chunks, optimizer, tokens.chunk(dp.size)[dp.rank], targets.chunk(dp.size)[dp.rank],
+                             layout, plan)
+        losses.append(loss)
+    if not load:
+        save_checkpoint(root, steps[1], chunks, optimizer, layout, {"step": steps[1]})
+    return losses
+
+
+@pytest.mark.parametrize("target", [ParallelSizes(), ParallelSizes(dp=4, ep=4), ParallelSizes(tp=2),
+                                    ParallelSizes(dp=2, ep=2)], ids=["ep1", "ep4", "tp2-ep1", "ep2"])
+def test_a_checkpoint_saved_at_ep2_continues_under_other_expert_layouts(tmp_path, target):
+    root = str(tmp_path / "ckpt")
+    saved = ParallelSizes(dp=2, ep=2)
+    run_on_ranks(checkpoint_worker, saved.world_size, saved, root, False, (0, 1), timeout_s=120)
+    reference = run_on_ranks(checkpoint_worker, saved.world_size, saved, str(tmp_path / "unused"), False, (0, 3),
+                             timeout_s=120)[0][1:]
+    resumed = run_on_ranks(checkpoint_worker, target.world_size, target, root, True, (1, 3), timeout_s=120)[0]
+    assert resumed == pytest.approx(reference, rel=1e-6)

@@ -117,6 +117,7 @@ class Router(torch.nn.Module):
         self.moe, self.tp, self.partial_over_tp = cfg.moe, tp, partial_over_tp
         self.weight = make_param(replicated_spec((cfg.moe.num_experts, cfg.hidden_size),
                                                  partial_over_tp=partial_over_tp, std=cfg.init_std))
+        self.last_terms: tuple[torch.Tensor, torch.Tensor] | None = None  # (balancing, z) of the last forward
 
     def forward(self, tokens: torch.Tensor):
         """tokens [T, h] -> (weights [T, k] fp32, experts [T, k], auxiliary loss, tokens per expert [E])."""
@@ -151,6 +152,7 @@ class Router(torch.nn.Module):
         mean_prob = stats[:-1] / tokens
         balance = moe.num_experts * (fraction * mean_prob).sum()
         z = stats[-1] / tokens
+        self.last_terms = (balance.detach(), z.detach())
         return moe.aux_loss_coeff * balance + moe.z_loss_coeff * z
 
 
@@ -165,14 +167,16 @@ class MoEBlock(torch.nn.Module):
         self.experts = Experts(cfg, ep, partial_over_tp=sequence_parallel, layer_std=layer_std)
         self.shared = shared
         self.last_auxiliary_loss: torch.Tensor | None = None
-        self.tokens_per_expert = torch.zeros(cfg.moe.num_experts, dtype=torch.int64)
+        self.load = RoutingLoad(cfg.moe.num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         weights, experts, auxiliary, counts = self.router(tokens)
         self.last_auxiliary_loss = auxiliary
-        self.tokens_per_expert = self.tokens_per_expert.to(counts.device) + counts
+        # Training forwards only: not validation, not the forward that recomputation repeats in backward.
+        if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+            self.load.add(counts, self.router.last_terms)
         out = self._dispatch_and_combine(tokens, weights, experts, counts)
         if self.shared is not None:
             out = out + self.shared(x).reshape(-1, shape[-1])
@@ -196,7 +200,30 @@ class MoEBlock(torch.nn.Module):
         combined = returned[torch.argsort(order)].view(-1, k, tokens.shape[-1])
         return (combined * weights.to(combined.dtype).unsqueeze(-1)).sum(dim=1)
 
-    def take_tokens_per_expert(self) -> torch.Tensor:
-        """Tokens routed to each expert (this rank's, summed since the last call) and a reset."""
-        counts, self.tokens_per_expert = self.tokens_per_expert, torch.zeros_like(self.tokens_per_expert)
-        return counts
+
+
+class RoutingLoad:
+    """What a block's training forwards routed since the last `take`: tokens per expert, and the sums of
+    the balancing and z losses over its micro batches (for metrics; the loss itself is elsewhere). Kept
+    as tensors: no device sync per forward."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens = torch.zeros(self.num_experts, dtype=torch.int64)
+        self.terms = torch.zeros(2, dtype=torch.float64)  # balancing, z
+        self.micro_batches = 0
+
+    def add(self, counts: torch.Tensor, terms) -> None:
+        self.tokens = self.tokens.to(counts.device) + counts
+        if terms is not None:
+            self.terms = self.terms.to(counts.device) + torch.stack(terms).double()
+        self.micro_batches += 1
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(tokens per expert, summed (balancing, z) losses, micro batches) since the last call."""
+        taken = self.tokens, self.terms, self.micro_batches
+        self._reset()
+        return taken

@@ -312,7 +312,8 @@ _CONSOLE_MEMORY = (("memory/cuda_max_allocated_gib", "alloc"), ("memory/host_rss
 def console_line(step: int, total_steps: int | None, metrics: Mapping[str, Any]) -> str:
     """'step  10/300 | loss 2.3456 | lr 3.0e-03 | gnorm 0.512 | tok/s 12,345 | MFU 41.2% | rss 0.31G'.
 
-    A fixed set of short fields, each shown when measured: MFU needs trainer.peak_tflops; the loss
+    A fixed set of short fields, each shown when measured: MFU needs trainer.peak_tflops; an MoE model
+    adds its balancing loss (1.0: balanced) and the busiest expert's load over the mean; the loss
     scale appears under fp16 (when train/loss_scale is there), skipped steps once there are any.
     Validation gets its own line (`validation_line`); other metrics go to W&B only."""
     parts = [_step_label(step, total_steps)]
@@ -330,6 +331,8 @@ def console_line(step: int, total_steps: int | None, metrics: Mapping[str, Any])
     key, label = next(((k, l) for k, l in _CONSOLE_MEMORY if k in metrics), (None, None))
     if key:
         add(key, label, lambda v: f"{v:.2f}G")
+    add("moe/balance_loss", "balance", lambda v: f"{v:.3f}")
+    add("moe/max_over_mean", "load", lambda v: f"{v:.2f}")
     add("train/loss_scale", "scale", lambda v: f"{v:g}")
     if metrics.get("train/skipped_total"):
         add("train/skipped_total", "skipped", lambda v: f"{v:g}")

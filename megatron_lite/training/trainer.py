@@ -129,6 +129,35 @@ def _stage_metrics(layout, step_time_s: float, memory: dict[str, float]) -> dict
     return out
 
 
+def _moe_metrics(chunks, layout, cfg, sequence_parallel: bool) -> dict[str, float]:
+    """Routing since the last log step, over the whole job: per MoE layer the tokens of the busiest
+    expert over the mean (1.0: perfectly balanced), and the mean balancing and z losses per micro
+    batch and layer. A collective over the job (every rank takes part, with zeros for the layers of
+    other stages). TP ranks without SP route the same tokens: each counts 1/tp of them."""
+    moe = cfg.moe
+    layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    tokens = torch.zeros(len(layers), moe.num_experts, dtype=torch.float64)
+    terms = torch.zeros(3, dtype=torch.float64)  # balancing, z, micro batches (x layers)
+    for chunk in chunks:
+        for layer, block in chunk.moe_blocks().items():
+            counts, sums, micro_batches = block.load.take()
+            tokens[layers.index(layer)] += counts.double().cpu()
+            terms += torch.cat([sums.cpu(), torch.tensor([float(micro_batches)], dtype=torch.float64)])
+    duplicates = 1 if sequence_parallel else layout.tp.size
+    summed = comm.all_reduce(torch.cat([tokens.flatten() / duplicates, terms]).to(layout.device),
+                             layout.group("world")).cpu()
+    tokens, terms = summed[:tokens.numel()].view_as(tokens), summed[tokens.numel():]
+    out = {}
+    for row, layer in zip(tokens, layers):
+        if row.sum() > 0:
+            out[f"moe/layer{layer}/max_over_mean"] = (row.max() / row.mean()).item()
+    if out:
+        out["moe/max_over_mean"] = max(out.values())
+    if terms[2] > 0:
+        out["moe/balance_loss"], out["moe/z_loss"] = (terms[0] / terms[2]).item(), (terms[1] / terms[2]).item()
+    return out
+
+
 def _report_comm(stats: dict, layout, logger) -> dict[str, int]:
     """The first step's bytes per group and operation, gathered from every rank (no rank sees every
     group: a first-stage rank has no loss broadcast to send, a last-stage one no embedding input), as
@@ -182,6 +211,8 @@ def _loop(cfg, plan, layout, data, trainable, pipeline, sampler, logger, timer, 
             metrics.update({"val/loss": val, "val/perplexity": math.exp(min(val, 50.0))})
         if logger.due(done):
             metrics.update(_stage_metrics(layout, timer.elapsed, memory))
+            if cfg.model.moe is not None:
+                metrics.update(_moe_metrics(chunks, layout, cfg.model_config(), cfg.parallel.sequence_parallel))
             reset_memory_peaks(layout.device)  # the next console line shows the next interval's peak
         logger.log(done, metrics, force=bool(stats["skipped"]))
         history["last_step"] = done
