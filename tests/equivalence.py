@@ -3,7 +3,7 @@ and the per-rank routine that gathers full logits, losses, gradients and weights
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,6 +44,13 @@ TINY_MODELS = {
                            moe=dict(num_experts=8, top_k=1, expert_ffn_hidden_size=16, router_order="topk_softmax",
                                     num_shared_experts=1, layer_freq=2, aux_loss_coeff=0.01, z_loss_coeff=0.001)),
 }
+_MOE = TINY_MODELS["moe"]
+# The same model with the balancing and z losses over the whole global batch (exact for any split).
+TINY_MODELS["moe_global"] = _MOE.with_(moe=replace(_MOE.moe, aux_loss_scope="global_batch"))
+# Capacity 1.0: experts over their even share of a micro batch's assignments drop the lowest-weight ones.
+TINY_MODELS["moe_capacity"] = _MOE.with_(moe=replace(_MOE.moe, capacity_factor=1.0))
+# Auxiliary-loss-free balancing: a bias moved 0.01 a step (large, so 3 steps change the routing).
+TINY_MODELS["moe_bias"] = _MOE.with_(moe=replace(_MOE.moe, bias_update_rate=0.01, aux_loss_coeff=0.0))
 # Adam divides each gradient element by its own magnitude: an element near eps moves by up to lr
 # when fp32 summation order changes it in the 8th digit (TP splits the matmul sums). LLaMA's eps
 # (1e-5) keeps that amplification of rounding noise below the 1e-5 tolerance; eps=1e-8 does not.
@@ -115,7 +122,8 @@ def run_training(case: Case, layout: ParallelLayout) -> dict:
     optimizer = make_optimizer(case, chunks, layout)
     plan = build_schedule(case.schedule, layout.pp.size, case.microbatches, case.virtual_stages)
     dp = layout.dp
-    record = {"logits": [], "loss": [], "grad_norm": [], "grads": [], "weights": None, "eval_loss": None}
+    record = {"logits": [], "loss": [], "grad_norm": [], "grads": [], "weights": None, "eval_loss": None,
+              "moe_terms": [], "moe_dropped": 0}
     for tokens, targets in global_batches(cfg.vocab_size):
         tokens, targets = tokens.chunk(dp.size)[dp.rank], targets.chunk(dp.size)[dp.rank]
         if len(chunks) == 1 and layout.pp.size == 1:  # the whole model in one chunk: its output is the logits
@@ -125,12 +133,26 @@ def run_training(case: Case, layout: ParallelLayout) -> dict:
         record["loss"].append(loss)
         record["grad_norm"].append(stats["grad_norm"])
         record["grads"].append(_full(chunks, layout, reduced_grads(optimizer)))
+        record["moe_dropped"] += sum(b.load.dropped for c in chunks for b in getattr(c, "moe_blocks", dict)().values())
+        record["moe_terms"].append(_moe_terms(chunks))
     record["weights"] = _full(chunks, layout)
     tokens, targets = next(global_batches(cfg.vocab_size, steps=1))
     with torch.no_grad():  # the trained function, on a batch seen before training
         record["eval_loss"] = run_schedule(chunks, plan, tokens.chunk(dp.size)[dp.rank],
                                            targets.chunk(dp.size)[dp.rank], layout, forward_only=True)
     return record
+
+
+def _moe_terms(chunks) -> dict[int, tuple[float, float]]:
+    """This rank's MoE layers' (balancing, z) losses of the step, averaged over what was summed (micro
+    batches, or one global-batch value)."""
+    terms = {}
+    for chunk in chunks:
+        for layer, block in getattr(chunk, "moe_blocks", dict)().items():
+            _, sums, summed = block.load.take()
+            if summed:
+                terms[layer] = tuple((sums / summed).tolist())
+    return terms
 
 
 def make_optimizer(case: Case, chunks, layout):
@@ -173,6 +195,8 @@ def _full(chunks, layout, grads: dict[str, torch.Tensor] | None = None) -> dict[
     PP ranks."""
     mine = {}
     for name, param in named_parameters(chunks):
+        if grads is not None and not param.requires_grad:
+            continue  # not trained by gradients (an MoE balancing bias)
         tie = spec_of(param).tie
         key = WORD_EMBEDDING + "@last_stage" if tie is not None and not tie.primary else name
         local = grads[name] if grads is not None else param.data

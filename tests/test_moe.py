@@ -205,6 +205,13 @@ def test_all_to_all_bytes_equal_the_tokens_sent():
     (["model.moe.top_k=0"], "model.moe.top_k=0 must be between 1"),
     (["model.moe.layers=[0,7]"], r"model.moe.layers=\[0, 7\] names layer\(s\) \[7\] outside the model's 4 layers"),
     (["model.moe.router_order=random"], "model.moe.router_order='random' is not one of"),
+    (["model.moe.capacity_factor=0"], r"model.moe.capacity_factor=0(.0)? must be > 0 \(e.g. 1.25\), or null"),
+    (["model.moe.capacity_factor=-1.5"], "model.moe.capacity_factor=-1.5 must be > 0"),
+    (["model.moe.drop_policy=random"], "model.moe.drop_policy='random' is not one of"),
+    (["model.moe.bias_update_rate=-0.1"], "model.moe.bias_update_rate=-0.1 must be >= 0"),
+    (["model.moe.aux_loss_scope=sequence"], "model.moe.aux_loss_scope='sequence' is not one of"),
+    (["optim.backend=deepspeed", "parallel.dp=2", "parallel.ep=2"], "optim.backend=deepspeed trains MoE models with "
+                                                                      "parallel.ep=1"),
 ])
 def test_bad_moe_configs_are_named_before_any_process_starts(overrides, message):
     from megatron_lite.training.setup import check_run_config

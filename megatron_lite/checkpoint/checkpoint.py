@@ -317,7 +317,12 @@ def _boxes_to_load(chunks, optimizer, layout: ParallelLayout, metadata, path: st
                     if fqn.startswith("optim.") else " (saved from another model?)")
             raise CheckpointError(f"checkpoint {path} has no tensor {fqn!r}{hint}")
         if shape != p.spec.full_shape:
-            raise CheckpointError(f"checkpoint {path}: {fqn} has shape {shape}, this model {p.spec.full_shape}")
+            hint = ""
+            if ".mlp.router." in fqn or ".mlp.experts." in fqn:  # dim 0 is the global expert index
+                hint = (f" (model.moe.num_experts: {shape[0]} in the checkpoint, {p.spec.full_shape[0]} in this "
+                        "model; experts are stored by global index, so any parallel.ep loads them, but not another "
+                        "expert count)")
+            raise CheckpointError(f"checkpoint {path}: {fqn} has shape {shape}, this model {p.spec.full_shape}{hint}")
         reads.setdefault(fqn, []).extend(boxes)
 
     state = optimizer.state_dict() if optimizer is not None else None

@@ -41,7 +41,8 @@ class RopeScaling:
 
 
 ROUTER_ORDERS = ("softmax_topk", "topk_softmax")
-AUX_LOSS_SCOPES = ("micro_batch",)
+AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
+DROP_POLICIES = ("probs", "position")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,15 @@ class MoEConfig:
     rescales the k weights to sum to 1 (Mixtral, Qwen-MoE with norm_topk_prob). aux_loss_coeff: the
     Switch/GShard balancing loss E * sum_e f_e * P_e, z_loss_coeff: the router z-loss mean(lse^2), both
     over the tokens of one micro batch (scope "micro_batch": micro_batch_size sequences, whatever the
-    layout). Routing is dropless."""
+    layout), or of the whole global batch (scope "global_batch": exact for any split, which needs every
+    forward of a step before its first backward: schedule gpipe, or one micro batch).
+    capacity_factor: null: dropless; else each expert takes at most ceil(factor * tokens * top_k / E)
+    of the assignments of one rank's micro batch (the rest are dropped: their output is 0), the ones
+    with the highest router weight (drop_policy "probs") or the earliest tokens ("position"). As in
+    Megatron and DeepSpeed, what is dropped depends on the tokens a rank routes at once (its micro batch
+    and, under SP, its sequence slice). bias_update_rate: auxiliary-loss-free balancing (DeepSeek-V3): a
+    per-expert bias added to the scores for the top-k choice only, moved by this rate towards balance
+    once per step from the global batch's token counts (0: off)."""
 
     num_experts: int
     top_k: int = 2
@@ -67,6 +76,9 @@ class MoEConfig:
     aux_loss_coeff: float = 0.01
     z_loss_coeff: float = 0.0
     aux_loss_scope: str = "micro_batch"
+    capacity_factor: float | None = None
+    drop_policy: str = "probs"
+    bias_update_rate: float = 0.0
     grouped_mm: bool = True  # torch._grouped_mm for the experts (a per-expert loop otherwise)
 
     def __post_init__(self):
@@ -87,6 +99,13 @@ class MoEConfig:
             raise ValueError(f"model.moe.router_order={self.router_order!r} is not one of {ROUTER_ORDERS}")
         if self.aux_loss_scope not in AUX_LOSS_SCOPES:
             raise ValueError(f"model.moe.aux_loss_scope={self.aux_loss_scope!r} is not one of {AUX_LOSS_SCOPES}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"model.moe.capacity_factor={self.capacity_factor} must be > 0 (e.g. 1.25), or null "
+                             "for dropless routing")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"model.moe.drop_policy={self.drop_policy!r} is not one of {DROP_POLICIES}")
+        if not self.bias_update_rate >= 0:
+            raise ValueError(f"model.moe.bias_update_rate={self.bias_update_rate} must be >= 0 (e.g. 0.001; 0: off)")
         if self.aux_loss_coeff < 0 or self.z_loss_coeff < 0:
             raise ValueError(f"model.moe.aux_loss_coeff={self.aux_loss_coeff} and z_loss_coeff={self.z_loss_coeff} "
                              "must be >= 0")

@@ -20,6 +20,7 @@ from megatron_lite.layers.embedding import VocabParallelEmbedding, vocab_shard_s
 from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear, column_parallel_linears
 from megatron_lite.layers.moe import MoEBlock
 from megatron_lite.models.config import BuildOptions, ModelConfig, RopeScaling
+from megatron_lite.parallel import comm
 from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.parallel.random import DropoutRNG, dropout
@@ -317,6 +318,40 @@ class TransformerStage(torch.nn.Module):
 
     def moe_blocks(self) -> dict[int, MoEBlock]:
         return {int(i): layer.mlp for i, layer in self.layers.items() if isinstance(layer.mlp, MoEBlock)}
+
+    @property
+    def needs_all_forwards_first(self) -> bool:
+        """Whether a step's backwards need every forward of the step done first (global-batch scope)."""
+        return self.cfg.moe is not None and self.cfg.moe.aux_loss_scope == "global_batch" and bool(self.moe_blocks())
+
+    def _routing_sum(self, local: torch.Tensor) -> torch.Tensor:
+        """Routing sums over the data-parallel ranks (and the TP ranks, which route a slice each under SP)."""
+        summed = comm.all_reduce(local, self.layout.dp)
+        return comm.all_reduce(summed, self.layout.tp) if self.options.sequence_parallel else summed
+
+    def prepare_backward(self) -> None:
+        """Called by the executor before the step's first backward of this chunk: global-batch scope
+        completes its routing sums over the data-parallel ranks (one all-reduce for all layers)."""
+        if not self.needs_all_forwards_first:
+            return
+        routers = [b.router for b in self.moe_blocks().values()]
+        summed = self._routing_sum(torch.stack([r.step.sums.to(self.layout.device) for r in routers]))
+        for block, row in zip(self.moe_blocks().values(), summed):
+            block.load.add_terms(block.router.finalize_scope(row, block.router.step.forwards, self.layout.dp.size))
+
+    def finish_step(self, skipped: bool) -> None:
+        """Called after the optimizer step: auxiliary-loss-free balancing moves each MoE layer's bias from
+        the step's global token counts (one all-reduce), the same on every rank; not on a skipped step."""
+        routers = [b.router for b in self.moe_blocks().values() if b.router.expert_bias is not None]
+        if not routers:
+            return
+        counts = torch.stack([r.step.bias_counts.to(self.layout.device) for r in routers])
+        for r in routers:
+            r.step.bias_counts = torch.zeros_like(r.step.bias_counts)
+        summed = self._routing_sum(counts)
+        if not skipped:
+            for router, row in zip(routers, summed):
+                router.update_bias(row)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """The MoE layers' balancing and z losses of the last forward (None in a dense transformer)."""

@@ -286,9 +286,11 @@ def deepspeed_train_step(engine, tokens: torch.Tensor, targets: torch.Tensor, la
     for token_mb, target_mb in zip(split_microbatches(tokens, microbatches), split_microbatches(targets, microbatches)):
         logits = engine(token_mb.to(layout.device))
         loss = model.loss(logits, target_mb.to(layout.device)).sum() / divisor
+        auxiliary = model.auxiliary_loss()  # MoE balancing/z losses, per micro batch as in the executor
+        objective = loss if auxiliary is None else loss + auxiliary / microbatches
         # The divisor already spans all microbatches (and DP ranks, whose average DeepSpeed takes as the
         # divisor expects): no further division by the accumulation steps.
-        engine.backward(loss, scale_wrt_gas=False)
+        engine.backward(objective, scale_wrt_gas=False)
         engine.step()  # an update only after the last microbatch
         loss_sum += loss.detach()
     return comm.all_reduce(loss_sum, layout.dp, op="avg").item()

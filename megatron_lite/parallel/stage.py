@@ -14,6 +14,11 @@ checkpointed and pipelined by the same code:
 - `auxiliary_loss()`     a scalar added to the objective by the last forward of this stage (already
                          weighted, averaged over this rank's tokens like the main loss), or None; it is
                          backpropagated with the stage's backward, on every stage that has one;
+- optional step hooks (a chunk without them has nothing to do there): `needs_all_forwards_first` (a
+                         step's backwards need all its forwards done: the executor refuses a schedule
+                         that interleaves them), `prepare_backward()` (before the step's first backward of
+                         the chunk; may run a collective, in the same order on every rank of a stage) and
+                         `finish_step(skipped)` (after the optimizer step; may run a collective);
 - `activation_shape(micro_batch, seq_length)`  the tensor that travels between stages;
 - `dtype`                of the parameters and of the activations sent between stages;
 - `rng_streams()`        the stage's random generators by a name that identifies what they draw for

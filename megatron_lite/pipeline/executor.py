@@ -37,7 +37,8 @@ from megatron_lite.layers.cross_entropy import IGNORE_INDEX
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.pipeline.program import Transfer, build_programs, completion_points, default_batching
-from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan, forward_only_plan, virtual_stage
+from megatron_lite.pipeline.schedules import (Action, ActionKind, PipelinePlan, forward_only_plan,
+                                              forwards_precede_backwards, virtual_stage)
 from megatron_lite.pipeline.transport import Transport, message_of, transport_for_backend
 
 ACTIVATION_TAG, GRAD_TAG = 0, 1
@@ -130,6 +131,11 @@ class PipelineExecutor:
             instead of computing a loss (text generation).
         """
         plan = forward_only_plan(self.plan) if forward_only else self.plan
+        if not forward_only and any(getattr(c, "needs_all_forwards_first", False) for c in self.chunks) \
+                and not forwards_precede_backwards(plan):
+            raise ValueError(f"aux_loss_scope=global_batch needs every forward of a step before its first backward; "
+                             f"schedule {plan.name!r} with {plan.num_microbatches} microbatches interleaves them: use "
+                             "parallel.schedule=gpipe (or one micro batch), or model.moe.aux_loss_scope=micro_batch")
         programs = build_programs(plan, self.batching, self.receive_lookahead)
         self.completion_points = completion_points(plan, self.batching, self.receive_lookahead, self.rank)
         self.outputs: dict[int, torch.Tensor] = {}
@@ -200,6 +206,8 @@ class PipelineExecutor:
             grad = self._wait_received(ActionKind.RECV_GRAD, key, state)
         if stage == self.last_stage and self.loss_scale != 1.0:
             output = output * self.loss_scale
+        if self.backwards_done[action.chunk] == 0 and hasattr(self.chunks[action.chunk], "prepare_backward"):
+            self.chunks[action.chunk].prepare_backward()
         self.backwards_done[action.chunk] += 1
         if self.before_last_backward and self.backwards_done[action.chunk] == self.plan.num_microbatches:
             self.before_last_backward(action.chunk)

@@ -110,6 +110,16 @@ def build_schedule(
     return PipelinePlan(name, p, m, v, actions)
 
 
+def forwards_precede_backwards(plan: PipelinePlan) -> bool:
+    """Whether every rank runs all its forwards of a step before its first backward (GPipe; any
+    schedule with one microbatch)."""
+    for actions in plan.actions:
+        kinds = [a.kind for a in actions if a.kind in (ActionKind.FORWARD, ActionKind.BACKWARD)]
+        if ActionKind.BACKWARD in kinds and ActionKind.FORWARD in kinds[kinds.index(ActionKind.BACKWARD):]:
+            return False
+    return True
+
+
 def _check_positive(**values: int) -> None:
     for key, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

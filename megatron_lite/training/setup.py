@@ -18,7 +18,7 @@ from megatron_lite.parallel import comm
 from megatron_lite.parallel.device import choose_device, rank_device, visible_gpus
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes, check_sizes
 from megatron_lite.models.partition import build_model_chunks, split_layers
-from megatron_lite.pipeline.schedules import PipelinePlan, build_schedule
+from megatron_lite.pipeline.schedules import PipelinePlan, build_schedule, forwards_precede_backwards
 from megatron_lite.training.config import RunConfig, check_values
 from megatron_lite.training.faults import injected_crash
 from megatron_lite.training.step import train_step
@@ -54,7 +54,18 @@ def check_run_config(cfg: RunConfig, world_size: int) -> None:
         from megatron_lite.interop.load import check_hf_directory
 
         check_hf_directory(cfg.model.path, model_cfg)
-    pipeline_plan(cfg)
+    plan = pipeline_plan(cfg)
+    moe = model_cfg.moe
+    if moe is not None and moe.aux_loss_scope == "global_batch" and not forwards_precede_backwards(plan):
+        raise ValueError(f"model.moe.aux_loss_scope=global_batch needs every forward of a step before its first "
+                         f"backward; parallel.schedule={cfg.parallel.schedule} with {plan.num_microbatches} "
+                         "microbatches interleaves them: use parallel.schedule=gpipe (or one micro batch), or "
+                         "model.moe.aux_loss_scope=micro_batch")
+    if moe is not None and cfg.optim.backend == "deepspeed" and (
+            sizes.ep > 1 or moe.aux_loss_scope != "micro_batch" or moe.bias_update_rate > 0):
+        raise ValueError("optim.backend=deepspeed trains MoE models with parallel.ep=1, aux_loss_scope=micro_batch "
+                         "and bias_update_rate=0 only (DeepSpeed averages expert gradients over all of DP and runs "
+                         "no step hooks); use optim.backend=native")
     split_layers(model_cfg.num_layers, sizes.pp, cfg.parallel.virtual_stages, cfg.parallel.layers_per_stage)
     seq = cfg.trainer.seq_length
     if seq > model_cfg.max_seq_len:

@@ -53,5 +53,8 @@ def train_step(chunks, optimizer, tokens, targets, layout: ParallelLayout, plan:
     loss = run_schedule(chunks, plan, tokens, targets, layout, loss_scale=optimizer.loss_scale,
                         before_last_backward=optimizer.before_last_backward, transport=transport)
     stats = optimizer.step()
+    for chunk in chunks:
+        if hasattr(chunk, "finish_step"):
+            chunk.finish_step(skipped=bool(stats["skipped"]))
     stats["comm_bytes"] = layout.stats.report()
     return loss, stats

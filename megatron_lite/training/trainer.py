@@ -131,19 +131,21 @@ def _stage_metrics(layout, step_time_s: float, memory: dict[str, float]) -> dict
 
 def _moe_metrics(chunks, layout, cfg, sequence_parallel: bool) -> dict[str, float]:
     """Routing since the last log step, over the whole job: per MoE layer the tokens of the busiest
-    expert over the mean (1.0: perfectly balanced), and the mean balancing and z losses per micro
-    batch and layer. A collective over the job (every rank takes part, with zeros for the layers of
+    expert over the mean (1.0: perfectly balanced), the mean balancing and z losses per micro batch
+    (or step, global-batch scope) and layer, and with a capacity the share of assignments dropped. A collective over the job (every rank takes part, with zeros for the layers of
     other stages). TP ranks without SP route the same tokens: each counts 1/tp of them."""
     moe = cfg.moe
     layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
     tokens = torch.zeros(len(layers), moe.num_experts, dtype=torch.float64)
-    terms = torch.zeros(3, dtype=torch.float64)  # balancing, z, micro batches (x layers)
+    terms = torch.zeros(4, dtype=torch.float64)  # balancing, z, how many were summed, dropped assignments
     for chunk in chunks:
         for layer, block in chunk.moe_blocks().items():
-            counts, sums, micro_batches = block.load.take()
+            dropped = block.load.dropped
+            counts, sums, summed = block.load.take()
             tokens[layers.index(layer)] += counts.double().cpu()
-            terms += torch.cat([sums.cpu(), torch.tensor([float(micro_batches)], dtype=torch.float64)])
+            terms += torch.cat([sums.cpu(), torch.tensor([float(summed), float(dropped)], dtype=torch.float64)])
     duplicates = 1 if sequence_parallel else layout.tp.size
+    terms[3] /= duplicates
     summed = comm.all_reduce(torch.cat([tokens.flatten() / duplicates, terms]).to(layout.device),
                              layout.group("world")).cpu()
     tokens, terms = summed[:tokens.numel()].view_as(tokens), summed[tokens.numel():]
@@ -153,6 +155,8 @@ def _moe_metrics(chunks, layout, cfg, sequence_parallel: bool) -> dict[str, floa
             out[f"moe/layer{layer}/max_over_mean"] = (row.max() / row.mean()).item()
     if out:
         out["moe/max_over_mean"] = max(out.values())
+    if moe.capacity_factor is not None and tokens.sum() > 0:
+        out["moe/dropped_fraction"] = (terms[3] / tokens.sum()).item()
     if terms[2] > 0:
         out["moe/balance_loss"], out["moe/z_loss"] = (terms[0] / terms[2]).item(), (terms[1] / terms[2]).item()
     return out
