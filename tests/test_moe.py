@@ -93,6 +93,7 @@ MOE_CASES = [
     Case("moe_e8", pp=2, dp=2, ep=2, microbatches=2, zero1=True, schedule="gpipe"),
     Case("moe", dp=2, ep=2, microbatches=2, recompute="full", zero1=True),
     Case("moe", dp=2, ep=1, microbatches=2),                              # EP1 with DP2: the baseline
+    Case("moe", dp=2, ep=2, microbatches=2, virtual_stages=2, schedule="interleaved_1f1b"),  # a layer per chunk
 ]
 
 

@@ -333,6 +333,7 @@ def console_line(step: int, total_steps: int | None, metrics: Mapping[str, Any])
         add(key, label, lambda v: f"{v:.2f}G")
     add("moe/balance_loss", "balance", lambda v: f"{v:.3f}")
     add("moe/max_over_mean", "load", lambda v: f"{v:.2f}")
+    add("moe/dropped_fraction", "dropped", lambda v: f"{100 * v:.1f}%")
     add("train/loss_scale", "scale", lambda v: f"{v:g}")
     if metrics.get("train/skipped_total"):
         add("train/skipped_total", "skipped", lambda v: f"{v:g}")
