@@ -98,10 +98,15 @@ class RotaryEmbedding(torch.nn.Module):
             self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
         return self._inv_freq[device]
 
-    def forward(self, x, start: int = 0):  # x: [b, heads, s, d]; positions start, start + 1, ...
-        positions = torch.arange(start, start + x.shape[-2], device=x.device, dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq(x.device)[None, :]
+    def forward(self, x, start: int = 0, positions: torch.Tensor | None = None):
+        """x: [b, heads, s, d] at positions start, start + 1, ... or, given, `positions` [b, s] (one row
+        per sequence: a KV-cached decode step, prompts of different lengths)."""
+        if positions is None:
+            positions = torch.arange(start, start + x.shape[-2], device=x.device, dtype=torch.float32)
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq(x.device)
         angles = torch.cat([angles, angles], dim=-1)
+        if angles.dim() == 3:  # [b, s, d] -> [b, 1, s, d]: the same angles for every head
+            angles = angles.unsqueeze(1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -128,10 +133,19 @@ class Attention(torch.nn.Module):
         self.rope = (RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
                      if cfg.position == "rope" else None)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """cache: None (training, and any forward over whole sequences), or one layer's KV cache for a
+        prefill or decode step (inference/kv_cache.py): `positions` [b, s] of the new tokens and
+        `store(k, v)` -> (keys, values, mask) of every cached token each new query may attend to."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         q, k, v = (rearrange(y, "b s (h d) -> b h s d", d=self.head_dim) for y in column_parallel_linears(
             x, [p.weight for p in projections], [p.bias for p in projections], self.ctx.tp, self.ctx.sequence_parallel))
+        if cache is not None:
+            if self.rope is not None:
+                q, k = self.rope(q, positions=cache.positions), self.rope(k, positions=cache.positions)
+            k, v, mask = cache.store(k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads > self.kv_heads)
+            return self.o_proj(rearrange(out, "b h s d -> b s (h d)"))
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
         if self.ctx.options.recompute == "selective":
@@ -190,20 +204,22 @@ class TransformerLayer(torch.nn.Module):
         super().__init__()
         # GPT-2's scaled init of the projections that write into the residual stream.
         layer_std = ctx.cfg.init_std / math.sqrt(2 * ctx.cfg.num_layers)
-        self.ctx = ctx
+        self.ctx, self.layer_id = ctx, layer
         self.attn_norm = Norm(ctx)
         self.attention = Attention(ctx, layer_std)
         self.mlp_norm = Norm(ctx)
         self.mlp = feed_forward(ctx, layer, layer_std)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        if cache is not None:  # inference: one step over a KV cache (Attention.forward)
+            return self._forward(x, cache.layer(self.layer_id))
         if self.ctx.options.recompute == "full" and torch.is_grad_enabled():
             return checkpoint(self._forward, x, use_reentrant=False, context_fn=self.ctx.rng.recompute_contexts)
         return self._forward(x)
 
-    def _forward(self, x):
+    def _forward(self, x, layer_cache=None):
         p, generator = self.ctx.cfg.dropout, self.ctx.residual_generator()
-        x = x + dropout(self.attention(self.attn_norm(x)), p, generator, self.training)
+        x = x + dropout(self.attention(self.attn_norm(x), layer_cache), p, generator, self.training)
         return x + dropout(self.mlp(self.mlp_norm(x)), p, generator, self.training)
 
 
@@ -222,9 +238,12 @@ class Embedding(torch.nn.Module):
             if cfg.position == "learned" else None
         )
 
-    def forward(self, token_ids):
+    def forward(self, token_ids, positions: torch.Tensor | None = None):
+        """positions [b, s]: each token's position (inference); None: 0, 1, ... for every sequence."""
         x = self.word(token_ids)
-        if self.position is not None:
+        if self.position is not None and positions is not None:
+            x = x + self.position[positions]
+        elif self.position is not None:
             positions = self.position[: token_ids.shape[1]]
             if self.ctx.sequence_parallel:
                 positions = positions.chunk(self.ctx.tp.size)[self.ctx.tp.rank]
@@ -290,12 +309,28 @@ class TransformerStage(torch.nn.Module):
             self.head = LMHead(ctx, self.embedding.word if tied_here else None,
                                tied_copy=cfg.tie_embeddings and not first)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """cache (inference, see inference/kv_cache.py): None, or this step's KV caches with
+        `positions` [b, s] of the new tokens, `layer(i)` the cache of layer i, and `logit_rows` [b] (or
+        None): the one token per sequence whose logits the head computes ([b, 1, vocab slice])."""
+        if cache is not None:
+            return self._cached_forward(x, cache)
         if self.embedding is not None:
             x = self.embedding(x)
         for layer in self.layers.values():
             x = layer(x)
         return self.head(x) if self.head is not None else x
+
+    def _cached_forward(self, x, cache):
+        if self.embedding is not None:
+            x = self.embedding(x, cache.positions)
+        for layer in self.layers.values():
+            x = layer(x, cache)
+        if self.head is None:
+            return x
+        if cache.logit_rows is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), cache.logit_rows].unsqueeze(1)
+        return self.head(x)
 
     def activation_shape(self, micro_batch: int, seq_length: int) -> tuple[int, int, int]:
         """Shape of the hidden states this stage receives from / sends to its pipeline neighbours."""

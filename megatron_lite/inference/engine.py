@@ -1,0 +1,217 @@
+"""Prefill and decode over this rank's model stage, under TP x PP, with m groups of requests in flight.
+
+Every unit of work is (step k, group g): step 0 is the prefill of the group's prompts (the whole
+prompt, causal), step k >= 1 the decode of the token step k-1 chose. Pipeline ranks run in ticks; unit
+(k, g) enters stage 0 at tick k*c + g, with c = max(m, p), and stage r at tick k*c + g + r. With m >= p
+groups every stage works at every tick, each on another group (the groups rotate through the stages);
+with m = 1 one group walks the stages one after the other. At the end of a tick the hidden states move
+one stage on (one P2P per stage boundary, through comm.py), and the last stage's tokens for the group
+it finished go to every stage (one broadcast over the pipeline group): stage 0 embeds them k*c + g + c
+later, which c >= p makes after they are known.
+
+The last stage gathers the vocabulary over TP and samples; its TP ranks agree because they hold the
+same logits and per-request generators (sampling.py). Every rank keeps the same bookkeeping (tokens,
+which sequences ended), so all of them take the same decisions without further messages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from megatron_lite.inference.kv_cache import KVCache
+from megatron_lite.inference.sampling import SamplingParams, request_generators, sample
+from megatron_lite.parallel import comm
+from megatron_lite.parallel.layout import ParallelLayout
+
+
+@dataclass
+class Group:
+    """A group of requests that travel through the pipeline together, with their caches on this stage."""
+
+    ids: list[int]  # request indices
+    prompts: list[list[int]]
+    cache: KVCache
+    generators: list[torch.Generator] | None
+    tokens: list[list[int]] = field(default_factory=list)  # generated, per request (up to and with EOS)
+    done: list[bool] = field(default_factory=list)
+    logits: list[list[torch.Tensor]] = field(default_factory=list)  # per request and step (last stage, if kept)
+    finished_at: float | None = None  # the step from which every request of the group has ended
+    first_token_s: float | None = None
+    last_tokens: list[int] = field(default_factory=list)  # the tokens the next decode step embeds
+
+    def __post_init__(self):
+        n = len(self.ids)
+        self.tokens, self.done, self.logits = [[] for _ in range(n)], [False] * n, [[] for _ in range(n)]
+        self.lengths = torch.tensor([len(p) for p in self.prompts])
+        self.finished_at = float("inf")
+
+
+@dataclass
+class EngineOutput:
+    tokens: list[list[int]]  # per request, in request order
+    logits: list[list[torch.Tensor]] | None  # per request and step, [vocab] fp32 (last stage only, if kept)
+    ttft_s: float  # mean over groups: start to the group's first tokens
+    total_s: float
+    kv_cache_bytes: int  # this rank's caches
+
+
+def check_requests(prompts: list[list[int]], max_new_tokens: int, max_length: int, vocab_size: int) -> None:
+    """Clear errors for requests that cannot run, before any cache is allocated."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if not prompts:
+        raise ValueError("no prompts: give at least one")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary 0..{vocab_size - 1}")
+        if len(prompt) > max_length:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens, longer than the maximum length {max_length}")
+        if len(prompt) + max_new_tokens > max_length:
+            raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens={max_new_tokens} = "
+                             f"{len(prompt) + max_new_tokens} overflows the KV cache of {max_length} positions; "
+                             "lower max_new_tokens or raise the maximum length")
+
+
+class Engine:
+    """Generation over this rank's model chunk (one per pipeline rank) and its layout."""
+
+    def __init__(self, chunks, layout: ParallelLayout):
+        if len(chunks) != 1:
+            raise ValueError(f"generation runs one model chunk per pipeline rank, got {len(chunks)} "
+                             "(parallel.virtual_stages must be 1)")
+        self.stage, self.layout = chunks[0], layout
+        self.cfg = self.stage.cfg
+        if self.stage.options.sequence_parallel and layout.tp.size > 1:
+            raise ValueError("generation does not run with sequence parallelism; set parallel.sequence_parallel=false")
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                 eos_id: int | None = None, groups: int = 1, max_length: int | None = None, request_ids=None,
+                 keep_logits: bool = False, on_tokens: Callable[[list[int], list[int]], None] | None = None
+                 ) -> EngineOutput:
+        """Generate up to `max_new_tokens` per prompt (stopping a request at `eos_id`), the prompts split
+        into `groups` groups that are in flight together. `request_ids` (default 0..n-1) seed sampling.
+        `on_tokens(request ids, tokens)` hears each step's new tokens (of requests still running)."""
+        max_length = max_length or self.cfg.max_seq_len
+        if max_length > self.cfg.max_seq_len:
+            raise ValueError(f"max_length={max_length} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        check_requests(prompts, max_new_tokens, max_length, self.cfg.vocab_size)
+        if not isinstance(groups, int) or not 1 <= groups <= len(prompts):
+            raise ValueError(f"groups={groups!r} must be between 1 and the number of prompts ({len(prompts)})")
+        was_training = self.stage.training
+        self.stage.eval()
+        try:
+            return self._run(prompts, max_new_tokens, params, eos_id, groups, max_length,
+                             list(range(len(prompts))) if request_ids is None else list(request_ids),
+                             keep_logits, on_tokens)
+        finally:
+            self.stage.train(was_training)
+
+    def _groups(self, prompts, m, max_length, params, request_ids) -> list[Group]:
+        bounds = [round(i * len(prompts) / m) for i in range(m + 1)]
+        out = []
+        for g in range(m):
+            rows = list(range(bounds[g], bounds[g + 1]))
+            cache = KVCache.for_stage(self.stage, len(rows), max_length)
+            ids = [request_ids[i] for i in rows]
+            out.append(Group(rows, [prompts[i] for i in rows], cache, request_generators(params, ids)))
+        return out
+
+    def _run(self, prompts, max_new_tokens, params, eos_id, m, max_length, request_ids, keep_logits, on_tokens):
+        layout, p, r = self.layout, self.layout.pp.size, self.layout.pp.rank
+        device, dtype = layout.device, self.stage.dtype
+        groups = self._groups(prompts, m, max_length, params, request_ids)
+        c = max(m, p)
+        start = time.perf_counter()
+
+        def unit(tick: int, rank: int):
+            """(step, group) that `rank` works on at `tick`, or None."""
+            j = tick - rank
+            if j < 0:
+                return None
+            k, g = divmod(j, c)
+            if g >= m or k >= max_new_tokens or k >= groups[g].finished_at:
+                return None
+            return k, g
+
+        def input_shape(k, g):
+            group = groups[g]
+            return (len(group.ids), int(group.lengths.max()) if k == 0 else 1, self.cfg.hidden_size)
+
+        received = None
+        tick = 0
+        while any(g.finished_at == float("inf") for g in groups) and tick < (max_new_tokens - 1) * c + m + p:
+            mine = unit(tick, r)
+            sending = mine is not None and r < p - 1
+            receiving = r > 0 and unit(tick, r - 1) is not None
+            output = self._compute(groups, mine, received, device) if mine is not None else None
+            ops = []
+            if sending:
+                ops.append(comm.P2POp(True, output.contiguous(), r + 1))
+            if receiving:
+                received = torch.empty(input_shape(*unit(tick, r - 1)), dtype=dtype, device=device)
+                ops.append(comm.P2POp(False, received, r - 1))
+            for work in comm.start_p2p(ops, layout.pp):
+                work.wait()
+            last = unit(tick, p - 1)
+            if last is not None:
+                k, g = last
+                tokens = output if r == p - 1 else torch.empty(len(groups[g].ids), dtype=torch.long, device=device)
+                if r == p - 1:
+                    tokens = self._sample(groups[g], params, tokens, keep_logits)
+                comm.broadcast(tokens, layout.pp, src_group_rank=p - 1)
+                self._record(groups[g], k, tokens.tolist(), eos_id, start, on_tokens)
+            tick += 1
+        total = time.perf_counter() - start
+        tokens, logits = [None] * len(prompts), [None] * len(prompts)
+        for group in groups:
+            for row, generated, kept in zip(group.ids, group.tokens, group.logits):
+                tokens[row], logits[row] = generated, kept
+        return EngineOutput(tokens, logits if keep_logits and r == p - 1 else None,
+                            sum(g.first_token_s for g in groups) / m, total, sum(g.cache.nbytes for g in groups))
+
+    def _compute(self, groups, unit, received, device):
+        """This stage's forward of unit (k, g): hidden states out, or [b, vocab slice] logits on the last stage."""
+        k, g = unit
+        group = groups[g]
+        if k == 0:
+            width = int(group.lengths.max())
+            positions = torch.arange(width, device=device).expand(len(group.ids), width)
+            step = group.cache.step(positions, (group.lengths - 1).to(device))
+            if self.stage.embedding is not None:
+                received = torch.tensor([q + [0] * (width - len(q)) for q in group.prompts], device=device)
+        else:
+            step = group.cache.step((group.lengths + k - 1).to(device)[:, None])
+            if self.stage.embedding is not None:
+                received = torch.tensor(group.last_tokens, device=device)[:, None]
+        return self.stage(received, cache=step)
+
+    def _sample(self, group: Group, params: SamplingParams, local_logits: torch.Tensor, keep: bool) -> torch.Tensor:
+        logits = comm.all_gather(local_logits[:, -1].float().contiguous(), self.layout.tp, dim=-1)
+        logits = logits[:, : self.cfg.vocab_size]
+        if keep:
+            for row, done in enumerate(group.done):
+                if not done:
+                    group.logits[row].append(logits[row].cpu())
+        return sample(logits, params, group.generators).to(torch.long).contiguous()
+
+    @staticmethod
+    def _record(group: Group, k: int, tokens: list[int], eos_id, start: float, on_tokens) -> None:
+        if k == 0:
+            group.first_token_s = time.perf_counter() - start
+        running = [i for i, done in enumerate(group.done) if not done]
+        for i in running:
+            group.tokens[i].append(tokens[i])
+            group.done[i] = tokens[i] == eos_id
+        group.last_tokens = tokens
+        if on_tokens is not None and running:
+            on_tokens([group.ids[i] for i in running], [tokens[i] for i in running])
+        if all(group.done):
+            group.finished_at = k + 1

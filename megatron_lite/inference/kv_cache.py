@@ -1,0 +1,90 @@
+"""Key/value caches for generation: one preallocated [batch, local KV heads, max length, head dim] pair
+per layer of this rank's pipeline stage.
+
+The KV heads are the ones this rank's attention holds: split over TP, or replicated when TP exceeds
+the number of KV heads (Attention.kv_heads), so the cache is sharded exactly like the k/v projections.
+
+Each sequence keeps its tokens at the slots of their positions (slot = position): prompts of different
+lengths need no padding of positions, and a step attends, for each new token, to the slots up to its
+own position only. Slots a padded prompt row wrote past its real length are overwritten by its first
+generated tokens before any query can see them, so padding never influences any sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class KVCache:
+    """The caches of one group of sequences for the layers `layer_ids` (this rank's stage)."""
+
+    def __init__(self, layer_ids, batch: int, max_length: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        if batch < 1 or max_length < 1:
+            raise ValueError(f"a KV cache needs batch >= 1 and max_length >= 1, got {batch} and {max_length}")
+        shape = (batch, kv_heads, max_length, head_dim)
+        self.batch, self.max_length = batch, max_length
+        self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+
+    @classmethod
+    def for_stage(cls, stage, batch: int, max_length: int) -> "KVCache":
+        """Caches for every layer of a model stage (TransformerStage), shaped like its attention."""
+        layers = list(stage.layers.values())
+        kv_heads = layers[0].attention.kv_heads if layers else 1
+        device = next(stage.parameters()).device
+        return cls([layer.layer_id for layer in layers], batch, max_length, kv_heads, stage.cfg.head_dim,
+                   stage.dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())
+
+    def step(self, positions: torch.Tensor, logit_rows: torch.Tensor | None = None) -> "CacheStep":
+        """The view one forward uses: new tokens at `positions` [b, s] (their slots)."""
+        if positions.dim() != 2 or positions.shape[0] != self.batch:
+            raise ValueError(f"positions must be [batch={self.batch}, new tokens], got {tuple(positions.shape)}")
+        used = int(positions.max()) + 1
+        if int(positions.min()) < 0 or used > self.max_length:
+            raise ValueError(f"positions {int(positions.min())}..{used - 1} do not fit a KV cache of "
+                             f"{self.max_length} slots")
+        return CacheStep(self, positions, logit_rows, used)
+
+
+@dataclass
+class CacheStep:
+    """One forward over a KV cache: what TransformerStage.forward(x, cache=...) reads."""
+
+    cache: KVCache
+    positions: torch.Tensor  # [b, s] long
+    logit_rows: torch.Tensor | None  # [b]: the token per sequence whose logits the head computes
+    used: int  # slots 0 .. used-1 may be attended to in this step
+
+    def __post_init__(self):
+        slots = torch.arange(self.used, device=self.positions.device)
+        # mask[b, 0, t, j]: query t of sequence b sees slot j <= its own position (causal, per sequence).
+        self.mask = (slots[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)
+        self.rows = torch.arange(self.positions.shape[0], device=self.positions.device)[:, None]
+
+    def layer(self, layer_id: int) -> "LayerCache":
+        return LayerCache(self, layer_id)
+
+
+class LayerCache:
+    """One layer's view of a CacheStep (what Attention.forward takes)."""
+
+    def __init__(self, step: CacheStep, layer_id: int):
+        self.step, self.layer_id = step, layer_id
+        self.positions = step.positions
+
+    def store(self, k: torch.Tensor, v: torch.Tensor):
+        """Write the new keys/values [b, kv heads, s, d] at their slots; return the cached keys and
+        values of slots 0..used-1 and the attention mask [b, 1, s, used]."""
+        step = self.step
+        keys, values = step.cache.keys[self.layer_id], step.cache.values[self.layer_id]
+        # Advanced indices around a slice: the indexed view is [b, s, kv heads, d].
+        keys[step.rows, :, step.positions] = k.transpose(1, 2).to(keys.dtype)
+        values[step.rows, :, step.positions] = v.transpose(1, 2).to(values.dtype)
+        return keys[:, :, : step.used], values[:, :, : step.used], step.mask
