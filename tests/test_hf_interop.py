@@ -62,6 +62,15 @@ def gpt2(path, dtype=torch.float32):
     return _save(transformers.GPT2LMHeadModel(config), path, dtype)
 
 
+def mixtral(path, dtype=torch.float32, max_shard_size=None, experts=4, vocab=VOCAB):
+    torch.manual_seed(11)
+    config = transformers.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                                        num_key_value_heads=2, vocab_size=vocab, num_local_experts=experts,
+                                        num_experts_per_tok=2, max_position_embeddings=128, bos_token_id=1,
+                                        eos_token_id=2)
+    return _save(transformers.MixtralForCausalLM(config), path, dtype, max_shard_size)
+
+
 VARIANTS = {  # name -> builder(path); together: GQA 4:1, tied and untied, llama3 rope, fp32 and bf16, a shard index
     "llama_gqa_untied_sharded": lambda p: llama(p, max_shard_size="60KB"),
     "llama_tied_llama3_rope_bf16": lambda p: llama(p, tied=True, dtype=torch.bfloat16, rope=LLAMA3_ROPE),
@@ -99,8 +108,8 @@ def full_logits(chunks, layout, tokens):
     return logits if layout.tp.rank == 0 and layout.dp.rank == 0 else None
 
 
-def import_export_worker(rank, world, tp, pp, dp, dirs: dict, out_root: str):
-    layout = ParallelLayout.from_mesh(ParallelSizes(tp=tp, pp=pp, dp=dp))
+def import_export_worker(rank, world, tp, pp, dp, dirs: dict, out_root: str, ep: int = 1):
+    layout = ParallelLayout.from_mesh(ParallelSizes(tp=tp, pp=pp, dp=dp, ep=ep))
     results = {}
     for name, path in dirs.items():
         cfg = model_config_from_hf(json.load(open(os.path.join(path, "config.json")))).with_(vocab_pad_multiple=PAD_MULTIPLE)
@@ -156,6 +165,57 @@ def test_import_matches_transformers_and_export_gives_the_files_back(hf_dirs, tm
         assert not any(n.endswith(".parts") for n in os.listdir(tmp_path))
 
 
+@pytest.mark.parametrize("tp,pp,dp,ep", [(1, 1, 1, 1), (2, 1, 1, 1), (1, 1, 2, 2), (1, 2, 2, 2)],
+                         ids=["serial", "tp2", "dp2xep2", "pp2xdp2xep2"])
+def test_mixtral_imports_under_expert_parallelism_and_exports_the_same_files(tmp_path, tp, pp, dp, ep):
+    """A MixtralForCausalLM (4 experts, top-2, bf16, a shard index) with its experts cut over EP: logits
+    equal transformers' and the export gives back every per-expert tensor bitwise."""
+    path = mixtral(tmp_path / "mixtral", dtype=torch.bfloat16, max_shard_size="150KB")
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    cfg = model_config_from_hf(json.load(open(os.path.join(path, "config.json"))))
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.normalize_topk, cfg.expert_ffn_size) == (4, 2, True, 96)
+    results = run_on_ranks(import_export_worker, tp * pp * dp, tp, pp, dp, {"mixtral": path}, str(tmp_path / "out"),
+                           ep, timeout_s=240)
+    logits = next(r["mixtral"]["logits"] for r in results if r["mixtral"]["logits"] is not None)
+    assert max_relative(logits[..., :VOCAB], reference_logits(path, tokens_for_test())) < 1e-5
+    exported = results[0]["mixtral"]["exported"]
+    assert_same_files(path, exported)
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    sizes = {k: t.numel() * t.element_size() for k, (_, t) in _tensors(path).items()}
+    expert_bytes = sum(n for k, n in sizes.items() if ".experts." in k)
+    if ep == 2 and tp == pp == 1:  # each EP rank reads half of the experts and all of the rest, exactly
+        assert all(r["mixtral"]["bytes_read"] == sum(sizes.values()) - expert_bytes // 2 for r in results)
+
+
+def test_mixtral_experts_in_the_wrong_order_fail_the_logit_check(tmp_path):
+    """Negative control: w1 and w3 (gate and up) swapped in the table move the logits by a wide margin."""
+    path = mixtral(tmp_path / "mixtral")
+    cfg = model_config_from_hf(json.load(open(os.path.join(path, "config.json"))))
+
+    def swapped_rules(c):
+        swap = {"experts.gate_proj": "experts.up_proj", "experts.up_proj": "experts.gate_proj"}
+        return [replace(r, ours=tuple(next((n.replace(a, b) for a, b in swap.items() if n.endswith(a)), n)
+                                      for n in r.ours)) for r in families.MIXTRAL.rules(c)]
+
+    tokens = tokens_for_test()
+    reference = reference_logits(path, tokens)
+    assert max_relative(_serial_logits(path, Mapping(cfg), tokens), reference) < 1e-5
+    swapped = Mapping(cfg, replace(families.MIXTRAL, rules=swapped_rules))
+    assert max_relative(_serial_logits(path, swapped, tokens), reference) > 1e-2
+
+
+def test_moe_models_mixtral_cannot_hold_are_refused_for_export():
+    cfg = compose(["model=moe_tiny"]).model_config()
+    assert Mapping(cfg).family.name == "mixtral"
+    for change, message in (({"num_shared_experts": 1}, "num_shared_experts=1"),
+                            ({"layer_freq": 2}, r"MoE layers \[1, 3\]"),
+                            ({"bias_update_rate": 0.001}, "routing bias"),
+                            ({"normalize_topk": False}, "without normalize_topk")):
+        with pytest.raises(UnsupportedModel, match=message):
+            Mapping(cfg.with_(moe=replace(cfg.moe, **change)))
+
+
 def test_llama3_rope_scaling_matters_beyond_the_original_context(hf_dirs):
     """The scaled model's logits past original_max_position_embeddings (32) differ from plain RoPE's by a
     wide margin, so the 1e-5 agreement above is the scaling computed right, not scaling unused."""
@@ -183,9 +243,8 @@ def _serial_logits(path: str, mapping: Mapping, tokens) -> torch.Tensor:
     with torch.no_grad():
         for name, param in model.named_parameters():
             region, padding = load.local_region(param.shard_spec)
-            key, hf_region = mapping.hf_region(name, region)
-            piece = reader.read(key, hf_region)
-            param.copy_(piece.t() if mapping.where[name].transpose else piece)
+            for piece in mapping.pieces(name, region):
+                piece.target(param).copy_(reader.read(piece.hf, piece.hf_region))
         return model(tokens)
 
 
@@ -242,8 +301,8 @@ def wrong_split_worker(rank, world, path):
             if spec.dim == 1:
                 rows = spec.full_shape[0] // 2
                 region = [(layout.tp.rank * rows, (layout.tp.rank + 1) * rows), (0, spec.full_shape[1])]
-                key, hf_region = mapping.hf_region(name, region)
-                param.copy_(reader.read(key, hf_region).reshape(param.shape))
+                [piece] = mapping.pieces(name, region)
+                param.copy_(reader.read(piece.hf, piece.hf_region).reshape(param.shape))
     return full_logits(chunks, layout, tokens_for_test())
 
 
@@ -282,13 +341,13 @@ def test_each_rank_reads_its_share_of_the_file_and_never_holds_the_whole_model(t
     assert serial["bytes_read"] / serial["file_bytes"] > 0.99  # the count sees a whole read
 
 
-def zero_checkpoint_worker(rank, world, path, root, live_out):
-    """Import at TP2 x DP2 with ZeRO-1, train two steps, save a DCP checkpoint and export live."""
+def zero_checkpoint_worker(rank, world, path, root, live_out, sizes):
+    """Import with ZeRO-1 (TP2 x DP2, or DP2 x EP2), train two steps, save a DCP checkpoint and export live."""
     from megatron_lite.checkpoint.checkpoint import save_checkpoint
     from megatron_lite.optim import OptimizerConfig, build_optimizer
     from megatron_lite.training.step import train_step
 
-    layout = ParallelLayout.from_mesh(ParallelSizes(tp=2, dp=2))
+    layout = ParallelLayout.from_mesh(sizes)
     cfg = model_config_from_hf(json.load(open(os.path.join(path, "config.json"))))
     chunks = build_model_chunks(cfg, layout, seed=0, initialize=False)
     load_hf_weights(chunks, path, cfg)
@@ -303,10 +362,12 @@ def zero_checkpoint_worker(rank, world, path, root, live_out):
     export_chunks(chunks, layout, live_out, cfg, template=path)
 
 
-def test_export_from_a_zero1_checkpoint_equals_the_live_export(tmp_path):
-    path = llama(tmp_path / "src")
+@pytest.mark.parametrize("family,sizes", [(llama, ParallelSizes(tp=2, dp=2)), (mixtral, ParallelSizes(dp=2, ep=2))],
+                         ids=["llama_tp2xdp2", "mixtral_dp2xep2"])
+def test_export_from_a_zero1_checkpoint_equals_the_live_export(tmp_path, family, sizes):
+    path = family(tmp_path / "src")
     root, live = str(tmp_path / "ckpt"), str(tmp_path / "live")
-    run_on_ranks(zero_checkpoint_worker, 4, path, root, live, timeout_s=240)
+    run_on_ranks(zero_checkpoint_worker, sizes.world_size, path, root, live, sizes, timeout_s=240)
     exported = export_checkpoint(root, str(tmp_path / "from_dcp"))  # template: the imported directory
     assert_same_files(live, exported)
     trained, original = _tensors(exported), _tensors(path)
@@ -315,7 +376,7 @@ def test_export_from_a_zero1_checkpoint_equals_the_live_export(tmp_path):
 
 def test_config_round_trips_through_config_json():
     for cfg in (compose(["model=llama32_1b"]).model_config(), compose(["model=llama_tiny"]).model_config(),
-                compose(["model=gpt2_tiny"]).model_config()):
+                compose(["model=gpt2_tiny"]).model_config(), compose(["model=mixtral_8x7b"]).model_config()):
         mapping = Mapping(cfg)
         hf = mapping.family.to_hf_config(cfg)
         assert model_config_from_hf(hf) == cfg.with_(vocab_pad_multiple=1)
@@ -327,21 +388,25 @@ def _losses_on_ranks(rank, world, overrides):
     return train(compose(overrides))["train_loss"]
 
 
-def test_fine_tuning_from_an_imported_model_is_the_same_under_tp2_pp2(tmp_path):
-    """20 steps from a Hugging Face directory: the same losses at TP2 x PP2 as in one process."""
+@pytest.mark.parametrize("family,steps,layout", [(llama, 20, ["parallel.tp=2", "parallel.pp=2"]),
+                                                   (mixtral, 6, ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2"])],
+                         ids=["llama_tp2xpp2", "mixtral_pp2xdp2xep2"])
+def test_fine_tuning_from_an_imported_model_is_the_same_in_parallel(tmp_path, family, steps, layout):
+    """Training from a Hugging Face directory: the same losses at TP2 x PP2 (LLaMA, 20 steps) and with the
+    experts over EP2 (Mixtral) as in one process."""
     from megatron_lite.data.tokenizer import train_bpe_tokenizer
 
-    path = llama(tmp_path / "ft", vocab=300)
+    path = family(tmp_path / "ft", vocab=300)
     text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     train_bpe_tokenizer([text[i:i + 400] for i in range(0, len(text), 400)], 300, os.path.join(path, "tokenizer.json"))
     common = [f"data.cache_dir={tmp_path / 'data'}", "checkpoint.dir=null", "model=hf", f"model.path={path}",
-              "trainer.max_steps=20", "trainer.seq_length=32", "trainer.micro_batch_size=2",
+              f"trainer.max_steps={steps}", "trainer.seq_length=32", "trainer.micro_batch_size=2",
               "trainer.global_batch_size=8", "trainer.eval_interval=100", "trainer.sample_tokens=0",
               "optim.warmup_steps=2", "optim.lr=1e-3"]
     cfg = compose(common)
     assert (cfg.data.tokenizer, cfg.data.tokenizer_path) == ("hf", os.path.join(path, "tokenizer.json"))
     serial = run_on_ranks(_losses_on_ranks, 1, common, timeout_s=240)[0]
-    parallel = run_on_ranks(_losses_on_ranks, 4, [*common, "parallel.tp=2", "parallel.pp=2"], timeout_s=240)[0]
+    parallel = run_on_ranks(_losses_on_ranks, 4, [*common, *layout], timeout_s=240)[0]
     assert parallel == pytest.approx(serial, rel=1e-5)
     assert serial[-1] < serial[0]
 

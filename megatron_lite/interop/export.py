@@ -85,7 +85,7 @@ def write_hf(out: str, cfg: ModelConfig, fetch: Callable[[list[str]], dict[str, 
 
 def _rule_key(mapping: Mapping, key: str) -> str:
     """The rule that makes `key`: a tied model's duplicate output embedding is the input embedding."""
-    return mapping.where["embedding.word.weight"].hf if key == TIED_DUPLICATE and key not in mapping.rules else key
+    return mapping.where["embedding.word.weight"][0].hf if key == TIED_DUPLICATE and key not in mapping.rules else key
 
 
 def export_checkpoint(root: str, out: str, step: int | None = None, template: str | None = None,

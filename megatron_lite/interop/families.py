@@ -2,7 +2,8 @@
 
 A `Rule` says how one Hugging Face tensor is made of our serial tensors: ours are concatenated along
 their dim 0 (a fused tensor such as GPT-2's `c_attn` = [q; k; v]) and, for GPT-2's Conv1D layers,
-transposed (HF stores [in, out]). That is all import, export and the coverage check read:
+transposed (HF stores [in, out]); or it is one expert of our stacked [experts, out, in] weight
+(Mixtral's `experts.{e}.w1`). That is all import, export and the coverage check read:
 - TP split dims and vocabulary padding are not in the table: they are our parameters' placements
   (`ShardSpec`), so a rule maps *full* tensors and any layout follows.
 - RoPE: HF LLaMA checkpoints already use our rotate-half convention, so no permutation is needed
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_lite.models.config import ModelConfig, RopeScaling, gpt2_config, llama_config
+from megatron_lite.models.config import MoEConfig, ModelConfig, RopeScaling, gpt2_config, llama_config
 
 
 class UnsupportedModel(ValueError):
@@ -22,18 +23,35 @@ class UnsupportedModel(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    """HF tensor `hf` = transpose?(cat(ours, dim=0)); `ours` in the order they are concatenated."""
+    """HF tensor `hf` = transpose?(cat(ours, dim=0)); `ours` in the order they are concatenated. With
+    `expert` set, `ours` is one stacked tensor and `hf` = transpose?(ours[expert])."""
 
     hf: str
     ours: tuple[str, ...]
     transpose: bool = False
+    expert: int | None = None
 
 
 # Tensors some HF files carry that are no parameters: old GPT-2 causal-mask buffers, old LLaMA RoPE tables.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
-def _llama_rules(cfg: ModelConfig) -> list[Rule]:
+def _llama_mlp_rules(cfg: ModelConfig, layer: int) -> list[Rule]:
+    return [Rule(f"model.layers.{layer}.mlp.{p}.weight", (f"layers.{layer}.mlp.{p}.weight",))
+            for p in ("gate_proj", "up_proj", "down_proj")]
+
+
+def _mixtral_moe_rules(cfg: ModelConfig, layer: int) -> list[Rule]:
+    """The router and each expert's w1 (gate), w2 (down), w3 (up) as rows of our stacked expert weights."""
+    hf, ours = f"model.layers.{layer}.block_sparse_moe.", f"layers.{layer}.mlp."
+    rules = [Rule(hf + "gate.weight", (ours + "router.weight",))]
+    for e in range(cfg.moe.num_experts):
+        rules += [Rule(hf + f"experts.{e}.{w}.weight", (ours + f"experts.{p}",), expert=e)
+                  for w, p in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))]
+    return rules
+
+
+def _llama_rules(cfg: ModelConfig, mlp_rules=_llama_mlp_rules) -> list[Rule]:
     rules = [Rule("model.embed_tokens.weight", ("embedding.word.weight",)),
              Rule("model.norm.weight", ("head.norm.weight",))]
     if not cfg.tie_embeddings:
@@ -44,8 +62,12 @@ def _llama_rules(cfg: ModelConfig) -> list[Rule]:
                   Rule(hf + "post_attention_layernorm.weight", (ours + "mlp_norm.weight",))]
         rules += [Rule(hf + f"self_attn.{p}.weight", (ours + f"attention.{p}.weight",))
                   for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        rules += [Rule(hf + f"mlp.{p}.weight", (ours + f"mlp.{p}.weight",)) for p in ("gate_proj", "up_proj", "down_proj")]
+        rules += mlp_rules(cfg, i)
     return rules
+
+
+def _mixtral_rules(cfg: ModelConfig) -> list[Rule]:
+    return _llama_rules(cfg, _mixtral_moe_rules)
 
 
 def _gpt2_rules(cfg: ModelConfig) -> list[Rule]:
@@ -115,6 +137,17 @@ def _llama_config(hf: dict) -> ModelConfig:
                         init_std=float(hf.get("initializer_range", 0.02)))
 
 
+def _mixtral_config(hf: dict) -> ModelConfig:
+    """Mixtral: LLaMA attention, every layer a mixture of experts routed softmax -> top-k -> renormalised.
+    The balancing-loss coefficient is taken over as it is; our loss is the per-layer Switch form summed
+    over layers (HF's pools all layers' tokens and counts each of the k choices), so it is a starting point
+    to tune, not the same number."""
+    _require(hf, "router_jitter_noise", (0, 0.0), 0.0)
+    moe = MoEConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+                    expert_ffn_hidden_size=hf["intermediate_size"], router_order="softmax_topk", normalize_topk=True, aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.02)), z_loss_coeff=0.0)
+    return _llama_config(hf).with_(moe=moe)
+
+
 def _gpt2_config(hf: dict) -> ModelConfig:
     _require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
     _require(hf, "scale_attn_weights", (True,), True)
@@ -143,6 +176,15 @@ def _llama_hf_config(cfg: ModelConfig) -> dict:
             "mlp_bias": False, "attention_dropout": cfg.dropout, "initializer_range": cfg.init_std}
 
 
+def _mixtral_hf_config(cfg: ModelConfig) -> dict:
+    config = {k: v for k, v in _llama_hf_config(cfg).items() if k not in ("attention_bias", "mlp_bias")}
+    config.update({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                   "intermediate_size": cfg.expert_ffn_size, "num_local_experts": cfg.moe.num_experts,
+                   "num_experts_per_tok": cfg.moe.top_k, "router_aux_loss_coef": cfg.moe.aux_loss_coeff,
+                   "router_jitter_noise": 0.0})
+    return config
+
+
 def _gpt2_hf_config(cfg: ModelConfig) -> dict:
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
             "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
@@ -162,12 +204,32 @@ class Family:
     matches: object  # (ModelConfig) -> bool: our architecture is this family's
 
 
+def _is_llama(c: ModelConfig) -> bool:
+    return (c.norm, c.activation, c.position, c.bias) == ("rmsnorm", "swiglu", "rope", False)
+
+
+def mixtral_mismatch(c: ModelConfig) -> str | None:
+    """What keeps an MoE model from being a Mixtral (None: nothing)."""
+    moe = c.moe
+    if moe.moe_layers(c.num_layers) != tuple(range(c.num_layers)):
+        return f"MoE layers {list(moe.moe_layers(c.num_layers))} (Mixtral: every layer)"
+    if moe.num_shared_experts:
+        return f"num_shared_experts={moe.num_shared_experts} (Mixtral: none)"
+    if moe.router_order == "softmax_topk" and not moe.normalize_topk:
+        return "router_order=softmax_topk without normalize_topk (Mixtral renormalises the top-k weights)"
+    if moe.bias_update_rate:
+        return f"bias_update_rate={moe.bias_update_rate}: a routing bias Mixtral does not have"
+    return None
+
+
 LLAMA = Family("llama", ("llama", "mistral"), _llama_config, _llama_hf_config, _llama_rules,
-               lambda c: (c.norm, c.activation, c.position, c.bias) == ("rmsnorm", "swiglu", "rope", False))
+               lambda c: _is_llama(c) and c.moe is None)
+MIXTRAL = Family("mixtral", ("mixtral",), _mixtral_config, _mixtral_hf_config, _mixtral_rules,
+                 lambda c: _is_llama(c) and c.moe is not None and mixtral_mismatch(c) is None)
 GPT2 = Family("gpt2", ("gpt2",), _gpt2_config, _gpt2_hf_config, _gpt2_rules,
               lambda c: (c.norm, c.activation, c.position, c.bias) == ("layernorm", "gelu", "learned", True)
-              and c.rope_scaling is None)
-FAMILIES = (LLAMA, GPT2)
+              and c.rope_scaling is None and c.moe is None)
+FAMILIES = (LLAMA, MIXTRAL, GPT2)
 
 
 def family_of_hf(hf: dict) -> Family:
@@ -183,6 +245,11 @@ def family_of(cfg: ModelConfig) -> Family:
     for family in FAMILIES:
         if family.matches(cfg):
             return family
+    if cfg.moe is not None:
+        reason = mixtral_mismatch(cfg) if _is_llama(cfg) else "a GPT-2-style architecture"
+        raise UnsupportedModel(f"this mixture of experts has no Hugging Face family: {reason}; exportable are "
+                               "Mixtral-style models (LLaMA attention, every layer MoE, no shared experts, softmax "
+                               "then top-k renormalised, no routing bias)")
     raise UnsupportedModel(f"no Hugging Face family has this architecture (norm={cfg.norm}, activation={cfg.activation}, "
                            f"position={cfg.position}, bias={cfg.bias}): exportable are LLaMA (rmsnorm, swiglu, rope, "
                            "no bias) and GPT-2 (layernorm, gelu, learned, bias)")

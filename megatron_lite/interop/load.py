@@ -55,11 +55,10 @@ def load_hf_weights(chunks, path: str, cfg: ModelConfig) -> dict:
             spec = spec_of(param)
             ours = spec.tie.key if spec.tie is not None else name
             region, padding = local_region(spec)
-            key, hf_region = mapping.hf_region(ours, region)
             target = _unpadded(param, padding)
-            if param.device.type != "cpu":  # through host memory: safetensors maps the file on the CPU
-                piece = reader.read(key, hf_region)
-                target.copy_(piece.t() if mapping.where[ours].transpose else piece)
-            else:
-                reader.read(key, hf_region, into=target.t() if mapping.where[ours].transpose else target)
+            for piece in mapping.pieces(ours, region):
+                if param.device.type != "cpu":  # through host memory: safetensors maps the file on the CPU
+                    piece.target(target).copy_(reader.read(piece.hf, piece.hf_region))
+                else:
+                    reader.read(piece.hf, piece.hf_region, into=piece.target(target))
     return {"bytes_read": reader.bytes_read, "file_bytes": directory.file_bytes()}
