@@ -116,8 +116,8 @@ class Generator:
         tokens = [t for part, _ in parts for t in part]
         slowest = max(total for _, total in parts)
         produced = sum(len(t) for t in tokens)
-        mine = [len(t) for t in out.tokens]
-        per_token = [(out.total_s - out.ttft_s) / (n - 1) for n in mine if n > 1]
+        steps = max(len(t) for t in out.tokens)  # decode steps this replica ran, the first token's prefill aside
+        tpot = (out.total_s - out.ttft_s) / (steps - 1) if steps > 1 else 0.0
         decoded = [self.tokenizer.decode([i for i in t if i != self.eos_id]) for t in tokens] if texts else None
-        return GenerationResult(tokens, decoded, out.ttft_s, sum(per_token) / len(per_token) if per_token else 0.0,
+        return GenerationResult(tokens, decoded, out.ttft_s, tpot,
                                 produced / slowest if slowest > 0 else 0.0, out.kv_cache_bytes, out.logits)
