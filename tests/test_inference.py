@@ -13,7 +13,7 @@ import torch
 
 from megatron_lite.inference import Generator, SamplingParams
 from megatron_lite.inference.kv_cache import KVCache
-from megatron_lite.models.config import gpt2_config, llama_config
+from megatron_lite.models.config import MoEConfig, gpt2_config, llama_config
 from megatron_lite.models.partition import build_model_chunks
 from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel.comm import CommStats
@@ -220,3 +220,26 @@ def test_sampling_filters():
     drawn = sample(logits.expand(200, -1), params, gens)
     assert set(drawn.tolist()) == {1, 3}
     assert sample(logits, SamplingParams(), None).tolist() == [1]
+
+
+MOE = LLAMA.with_(num_layers=2, moe=MoEConfig(num_experts=4, top_k=2, layers=(1,)))
+
+
+def moe_worker(rank, world, tp, pp, dp, ep, eos):
+    layout = ParallelLayout.from_mesh(ParallelSizes(tp=tp, pp=pp, dp=dp, ep=ep))
+    generator = Generator(MOE, layout, build_model_chunks(MOE, layout, seed=0))
+    return generator.generate(PROMPTS, max_new_tokens=16, eos_id=eos, groups=2).tokens
+
+
+@pytest.mark.parametrize("tp, pp, dp, ep", [(1, 2, 2, 2)])
+def test_moe_under_expert_parallelism(tp, pp, dp, ep):
+    """The DP replicas of an EP group exchange tokens in every MoE layer: they run their steps together,
+    also after one replica's requests ended at EOS (here request 0's only)."""
+    generator = Generator(MOE, seed=0)
+    greedy = generator.generate(PROMPTS, max_new_tokens=16, eos_id=None, keep_logits=True)
+    check_against_recompute(generator.chunks[0], PROMPTS, greedy)
+    eos = next(t for t in greedy.tokens[0] if not any(t in other for other in greedy.tokens[1:]))
+    expected = generator.generate(PROMPTS, max_new_tokens=16, eos_id=eos).tokens
+    assert len(expected[0]) < 16 and all(len(t) == 16 for t in expected[1:])
+    for tokens in run_on_ranks(moe_worker, tp * pp * dp, tp, pp, dp, ep, eos, timeout_s=120):
+        assert tokens == expected

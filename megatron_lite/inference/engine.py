@@ -88,6 +88,9 @@ class Engine:
                              "(parallel.virtual_stages must be 1)")
         self.stage, self.layout = chunks[0], layout
         self.cfg = self.stage.cfg
+        # MoE layers under EP exchange tokens with the other replicas of the EP group at every forward: those
+        # replicas run every step, all of them, even for requests that have ended (no early stop).
+        self.lockstep = layout.group("ep").size > 1 and self.cfg.moe is not None
         if self.stage.options.sequence_parallel and layout.tp.size > 1:
             raise ValueError("generation does not run with sequence parallelism; set parallel.sequence_parallel=false")
 
@@ -137,7 +140,7 @@ class Engine:
             if j < 0:
                 return None
             k, g = divmod(j, c)
-            if g >= m or k >= max_new_tokens or k >= groups[g].finished_at:
+            if g >= m or k >= max_new_tokens or (k >= groups[g].finished_at and not self.lockstep):
                 return None
             return k, g
 
@@ -147,7 +150,8 @@ class Engine:
 
         received = None
         tick = 0
-        while any(g.finished_at == float("inf") for g in groups) and tick < (max_new_tokens - 1) * c + m + p:
+        running = (lambda: True) if self.lockstep else (lambda: any(g.finished_at == float("inf") for g in groups))
+        while running() and tick < (max_new_tokens - 1) * c + m + p:
             mine = unit(tick, r)
             sending = mine is not None and r < p - 1
             receiving = r > 0 and unit(tick, r - 1) is not None

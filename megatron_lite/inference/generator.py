@@ -105,7 +105,8 @@ class Generator:
         if len(ids) < dp.size:
             raise ValueError(f"{len(ids)} prompts for {dp.size} data-parallel replicas: give at least one each")
         lo, hi = (round(i * len(ids) / dp.size) for i in (dp.rank, dp.rank + 1))
-        out = self.engine.generate(ids[lo:hi], max_new_tokens, params, eos, groups=min(groups, hi - lo),
+        # The same number of groups on every replica (MoE under EP runs the replicas' steps together).
+        out = self.engine.generate(ids[lo:hi], max_new_tokens, params, eos, groups=min(groups, len(ids) // dp.size),
                                    max_length=max_length, request_ids=range(lo, hi), keep_logits=keep_logits,
                                    on_tokens=None if on_tokens is None else
                                    (lambda rows, toks: on_tokens([lo + i for i in rows], toks)))
