@@ -12,7 +12,10 @@ timed `--repeats` times, alternating with the peer:
   part files, shards assembled by rank 0).
 Goal (issue 15): import <= 1.0x transformers' load time per process.
 
-    python benchmarks/hf_interop.py [--repeats 2] [--dir DIR] [--small] [--json out.json]
+`--dtype` is the dtype both load into: bf16 (the file's own; transformers then maps the file and copies
+nothing) or fp32 (what training holds its weights in: both convert every weight).
+
+    python benchmarks/hf_interop.py [--repeats 2] [--dtype bf16|fp32] [--dir DIR] [--small] [--json out.json]
 
 `--small` runs a ~20M-parameter model (smoke test). The page cache is warm for every variant (each
 one reads the same file just written), so the figures compare CPU and copying work, not disk speed.
@@ -57,7 +60,10 @@ def write_random_llama(path: str, size: str) -> int:
     return sum(t.numel() for t in tensors.values())
 
 
-def ours_worker(rank: int, world: int, path: str, out: str) -> dict:
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def ours_worker(rank: int, world: int, path: str, out: str, dtype: str = "bf16") -> dict:
     from megatron_lite.interop import export_chunks, load_hf_weights, model_config_from_hf
     from megatron_lite.models.config import BuildOptions
     from megatron_lite.models.partition import build_model_chunks
@@ -68,7 +74,7 @@ def ours_worker(rank: int, world: int, path: str, out: str) -> dict:
     cfg = model_config_from_hf(json.load(open(os.path.join(path, "config.json"))))
     comm.barrier()
     start = time.perf_counter()
-    chunks = build_model_chunks(cfg, layout, seed=0, options=BuildOptions(dtype=torch.bfloat16), initialize=False)
+    chunks = build_model_chunks(cfg, layout, seed=0, options=BuildOptions(dtype=DTYPES[dtype]), initialize=False)
     stats = load_hf_weights(chunks, path, cfg)
     import_s = time.perf_counter() - start
     comm.barrier()
@@ -78,11 +84,11 @@ def ours_worker(rank: int, world: int, path: str, out: str) -> dict:
     return {"import_s": import_s, "export_s": export_s, **stats}
 
 
-def transformers_round(path: str, out: str) -> dict:
+def transformers_round(path: str, out: str, dtype: str = "bf16") -> dict:
     import transformers
 
     start = time.perf_counter()
-    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     import_s = time.perf_counter() - start
     # from_pretrained may hand out views of the memory-mapped file: its pages are read at first use.
     # One byte per 4 KiB page brings every weight in (mapping the page cache, no copy).
@@ -100,6 +106,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dir", default=None, help="working directory (default: a temporary one); removed at the end")
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the dtype both systems load into")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     from megatron_lite.parallel.spawn import run_on_ranks
@@ -116,10 +123,10 @@ def main(argv=None) -> dict:
             for name in (order if repeat % 2 == 0 else order[::-1]):
                 out = os.path.join(work, f"out-{name}-{repeat}")
                 if name == "transformers":
-                    row = transformers_round(src, out)
+                    row = transformers_round(src, out, args.dtype)
                 else:
                     world = int(name[-1])
-                    ranks = run_on_ranks(ours_worker, world, src, out, timeout_s=1800)
+                    ranks = run_on_ranks(ours_worker, world, src, out, args.dtype, timeout_s=1800)
                     row = {"import_s": max(r["import_s"] for r in ranks), "export_s": max(r["export_s"] for r in ranks),
                            "bytes_read_per_rank": [r["bytes_read"] for r in ranks]}
                 times[name].append(row)
@@ -145,7 +152,7 @@ def main(argv=None) -> dict:
               f"{median['ours-tp1']['import_s'] / peer:.2f}x, ours-tp2 {median['ours-tp2']['import_s'] / peer:.2f}x")
         share = [b / file_bytes for b in times["ours-tp2"][0]["bytes_read_per_rank"]]
         print(f"  bytes read per rank at TP2: {', '.join(f'{s:.3f}' for s in share)} of the file")
-        result = {"benchmark": "hf_interop", "params": params, "file_bytes": file_bytes, "times": times,
+        result = {"benchmark": "hf_interop", "dtype": args.dtype, "params": params, "file_bytes": file_bytes, "times": times,
                   "median": median, "ratios": ratios, "library": library_version(),
                   "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
         return emit_result(result, args.json)
