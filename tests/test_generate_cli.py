@@ -88,3 +88,16 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, checkpoint):
                         "max_new_tokens=2")
     assert done.returncode == 2
     assert "model.embedding.word.weight has shape (257, 64), this model (257, 128)" in done.stderr
+
+
+def test_generate_benchmark_small_smoke(tmp_path):
+    """benchmarks/generate.py at its smallest: every layout gives the serial tokens (checked by the
+    benchmark), the tables and the cache-vs-recompute ratio come out."""
+    out = tmp_path / "generate.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--small", "--layouts", "serial",
+                    "pp2 m=1 (walk)", "pp2 m=2 (rotate)", "--json", str(out)], check=True, timeout=300,
+                   capture_output=True, cwd=ROOT)
+    result = json.loads(out.read_text())
+    assert [r["layout"] for r in result["rows"]] == ["serial", "pp2 m=1 (walk)", "pp2 m=2 (rotate)"]
+    assert all(r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in result["rows"])
+    assert result["pipelined_ratio"] > 0 and result["cache_vs_recompute"]["speedup"] > 0

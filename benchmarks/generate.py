@@ -1,0 +1,140 @@
+"""Generation speed: time to first token, time per output token and tokens/s per layout, the
+pipelined decode (request groups rotating through the stages) against one group walking them, and
+KV-cache decode against the old recompute path (megatron_lite/training/generate.py).
+
+    .venv/bin/python benchmarks/generate.py                     # the default tables (CPU, gloo)
+    .venv/bin/python benchmarks/generate.py --small --json out.json
+
+Every layout runs in its own processes (one torch thread per rank) on the same weights, greedy, and
+must give the serial layout's tokens (checked, then timed). Figures on a shared CPU drift; the
+ratios printed are what the acceptance targets read (pipelined m=2 / m=1 at PP2, recompute / cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from megatron_lite.inference import Generator
+from megatron_lite.models.config import llama_config
+from megatron_lite.models.partition import build_model_chunks
+from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
+from megatron_lite.parallel.spawn import run_on_ranks
+from megatron_lite.pipeline.schedules import build_schedule
+from megatron_lite.training.generate import sample_tokens
+
+
+def model_config(args):
+    return llama_config(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                        num_kv_heads=args.kv_heads, ffn_hidden_size=args.hidden * 4 * 2 // 3 // 8 * 8,
+                        max_seq_len=args.prompt_len + max(args.new_tokens, args.recompute_tokens) + 1)
+
+
+def prompts_for(args) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    # Different lengths: the longest is --prompt-len, the others down to half of it.
+    lengths = [args.prompt_len - (i * args.prompt_len // (2 * args.batch)) for i in range(args.batch)]
+    return [torch.randint(0, args.vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def layout_worker(rank, world, tp, pp, groups, args):
+    torch.set_num_threads(1)
+    cfg = model_config(args)
+    layout = ParallelLayout.from_mesh(ParallelSizes(tp=tp, pp=pp)) if world > 1 else ParallelLayout.serial()
+    generator = Generator(cfg, layout, build_model_chunks(cfg, layout, seed=0))
+    prompts = prompts_for(args)
+    generator.generate(prompts, max_new_tokens=4, eos_id=None, groups=groups)  # warm-up
+    best = None
+    for _ in range(args.repeats):
+        result = generator.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None, groups=groups)
+        if best is None or result.tokens_per_s > best.tokens_per_s:
+            best = result
+    return {"tokens": best.tokens, "ttft_ms": best.ttft_s * 1e3, "tpot_ms": best.tpot_s * 1e3,
+            "tokens_per_s": best.tokens_per_s, "kv_mib": best.kv_cache_bytes / 2**20}
+
+
+def run_layout(name, tp, pp, groups, args):
+    world = tp * pp
+    if world == 1:
+        return layout_worker(0, 1, tp, pp, groups, args)
+    return run_on_ranks(layout_worker, world, tp, pp, groups, args, timeout_s=900)[0]
+
+
+def cache_vs_recompute(args) -> dict:
+    """One sequence, serial: 256 tokens by KV-cache decode and by the old sliding-window recompute."""
+    torch.set_num_threads(1)
+    cfg = model_config(args)
+    layout = ParallelLayout.serial()
+    chunks = build_model_chunks(cfg, layout, seed=0)
+    prompt = prompts_for(args)[0]
+    n = args.recompute_tokens
+    generator = Generator(cfg, layout, chunks)
+    generator.generate([prompt], max_new_tokens=4, eos_id=None)
+    start = time.perf_counter()
+    generator.generate([prompt], max_new_tokens=n, eos_id=None)
+    cached = time.perf_counter() - start
+    start = time.perf_counter()
+    sample_tokens(chunks, build_schedule("1f1b", 1, 1), layout, prompt, n, seed=0)
+    recompute = time.perf_counter() - start
+    return {"tokens": n, "prompt": len(prompt), "cache_s": cached, "recompute_s": recompute,
+            "speedup": recompute / cached}
+
+
+LAYOUTS = {  # name: (tp, pp, groups)
+    "serial": (1, 1, 1),
+    "tp2": (2, 1, 1),
+    "pp2 m=1 (walk)": (1, 2, 1),
+    "pp2 m=2 (rotate)": (1, 2, 2),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--recompute-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
+    parser.add_argument("--small", action="store_true", help="a smoke run: tiny model, few tokens")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if args.small:
+        args.hidden, args.layers, args.heads, args.kv_heads, args.vocab = 64, 2, 4, 2, 256
+        args.batch, args.prompt_len, args.new_tokens, args.recompute_tokens, args.repeats = 4, 8, 8, 16, 1
+    print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} KV), vocab "
+          f"{args.vocab}, fp32; batch {args.batch}, prompts {args.prompt_len // 2}..{args.prompt_len} tokens, "
+          f"{args.new_tokens} new tokens, greedy, gloo on CPU, 1 thread per rank")
+    rows, reference = [], None
+    print(f"{'layout':<20}{'TTFT ms':>10}{'TPOT ms':>10}{'tokens/s':>10}{'KV MiB/rank':>13}")
+    for name in args.layouts:
+        result = run_layout(name, *LAYOUTS[name], args)
+        reference = reference or result["tokens"]
+        if result["tokens"] != reference:
+            raise SystemExit(f"{name}: tokens differ from {args.layouts[0]}'s")
+        rows.append({"layout": name, **{k: v for k, v in result.items() if k != "tokens"}})
+        print(f"{name:<20}{result['ttft_ms']:>10.1f}{result['tpot_ms']:>10.2f}{result['tokens_per_s']:>10.1f}"
+              f"{result['kv_mib']:>13.2f}")
+    by_name = {r["layout"]: r for r in rows}
+    out = {"rows": rows}
+    if "pp2 m=1 (walk)" in by_name and "pp2 m=2 (rotate)" in by_name:
+        out["pipelined_ratio"] = by_name["pp2 m=2 (rotate)"]["tokens_per_s"] / by_name["pp2 m=1 (walk)"]["tokens_per_s"]
+        print(f"pipelined decode, PP2, batch {args.batch}: m=2 / m=1 tokens/s = {out['pipelined_ratio']:.2f}x")
+    out["cache_vs_recompute"] = c = cache_vs_recompute(args)
+    print(f"{c['tokens']} tokens after a {c['prompt']}-token prompt, serial: KV cache {c['cache_s']:.2f} s, old "
+          f"recompute path {c['recompute_s']:.2f} s: {c['speedup']:.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
