@@ -146,7 +146,7 @@ def chunk_parameters(cfg: ModelConfig, layout: Layout, layers, first: bool, last
             moe = cfg.moe
             add(f"{p}.mlp.router.weight", moe.num_experts * h, partial_sums=sp_sum)
             if moe.bias_update_rate > 0:
-                add(f"{p}.mlp.router.expert_bias", moe.num_experts, trainable=False)
+                add(f"{p}.mlp.router.expert_bias", moe.num_experts, trainable=False)  # kept in fp32
             local, f = moe.num_experts // layout.ep, cfg.expert_ffn_size
             expert = dict(data_parallel="edp_cp", partial_sums=sp_sum)
             add(f"{p}.mlp.experts.up_proj", local * f * h, **expert)
@@ -213,7 +213,7 @@ def stage_memory(cfg: ModelConfig, layout: Layout, stage: int, dtype_bytes: int,
     if not training:
         return StageMemory(stage, tuple(layers), numel, numel * dtype_bytes, 0, 0)
     per_element = 2 + (dtype_bytes != FP32)  # moments (+ master weights)
-    return StageMemory(stage, tuple(layers), numel, (padded + frozen) * dtype_bytes, padded * FP32,
+    return StageMemory(stage, tuple(layers), numel, padded * dtype_bytes + frozen * FP32, padded * FP32,
                        state * per_element * FP32)
 
 
