@@ -123,7 +123,8 @@ def run_training(case: Case, layout: ParallelLayout) -> dict:
     plan = build_schedule(case.schedule, layout.pp.size, case.microbatches, case.virtual_stages)
     dp = layout.dp
     record = {"logits": [], "loss": [], "grad_norm": [], "grads": [], "weights": None, "eval_loss": None,
-              "moe_terms": [], "moe_dropped": 0}
+              "moe_terms": [], "moe_dropped": 0, "router_margin": float("inf")}
+    watch_router_margins(chunks, record)
     for tokens, targets in global_batches(cfg.vocab_size):
         tokens, targets = tokens.chunk(dp.size)[dp.rank], targets.chunk(dp.size)[dp.rank]
         if len(chunks) == 1 and layout.pp.size == 1:  # the whole model in one chunk: its output is the logits
@@ -141,6 +142,27 @@ def run_training(case: Case, layout: ParallelLayout) -> dict:
         record["eval_loss"] = run_schedule(chunks, plan, tokens.chunk(dp.size)[dp.rank],
                                            targets.chunk(dp.size)[dp.rank], layout, forward_only=True)
     return record
+
+
+def watch_router_margins(chunks, record: dict) -> None:
+    """Near-ties in top-k: record["router_margin"] becomes the smallest gap, over every token this run
+    routes, between its k-th and (k+1)-th routing score (bias included), computed in fp64. A layout's
+    rounding moves the scores by ~1e-8; a margin far above that means no choice can flip between layouts,
+    so the comparisons are not luck."""
+    def hook(router, args, _output):
+        moe = router.moe
+        if moe.top_k == moe.num_experts or args[0].shape[0] == 0:
+            return
+        logits = args[0].detach().double() @ router.weight.detach().double().t()
+        scores = torch.softmax(logits, dim=-1) if moe.router_order == "softmax_topk" else logits
+        if router.expert_bias is not None:
+            scores = scores + router.expert_bias.double()
+        top = torch.topk(scores, moe.top_k + 1, dim=-1).values
+        record["router_margin"] = min(record["router_margin"], (top[:, -2] - top[:, -1]).min().item())
+
+    for chunk in chunks:
+        for block in getattr(chunk, "moe_blocks", dict)().values():
+            block.router.register_forward_hook(hook)
 
 
 def _moe_terms(chunks) -> dict[int, tuple[float, float]]:
@@ -220,7 +242,16 @@ def serial_reference(model_name: str, grad_clip: float | None = None, microbatch
     """One process, same model and optimizer settings (ZeRO-1 and bucketing are trivial with dp=1).
     An MoE model's balancing loss is defined per micro batch: its reference runs the parallel case's
     micro batch size (dp x m microbatches)."""
-    return run_training(Case(model_name, grad_clip=grad_clip, microbatches=microbatches), ParallelLayout.serial())
+    record = run_training(Case(model_name, grad_clip=grad_clip, microbatches=microbatches), ParallelLayout.serial())
+    assert record["router_margin"] > ROUTER_MARGIN, (
+        f"{model_name}: a token's k-th and (k+1)-th routing scores are {record['router_margin']:.2e} apart: a layout's "
+        "rounding (~1e-7 at most) could flip its choice; change the seed or the data")
+    return record
+
+
+# Layouts move the routing scores by ~1e-8 (1e-7 at the very most); the serial reference's top-k choices
+# must all be decided by more than this, so that no near-tie can make a comparison pass or fail by luck.
+ROUTER_MARGIN = 1e-6
 
 
 # The key bias cannot change the output (softmax is invariant to adding a constant per query), so
