@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_lite.layers import weight_grad
 from megatron_lite.layers.regions import leave_tp_region
 from megatron_lite.parallel.comm import CommGroup
 from megatron_lite.parallel.sharding import ShardSpec, make_param, tp_shard
@@ -43,9 +44,9 @@ class VocabParallelEmbedding(torch.nn.Module):
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(token_ids, self.weight)
+            return weight_grad.embedding(token_ids, self.weight)
         local_ids = token_ids - self.vocab_start
         outside = (local_ids < 0) | (local_ids >= self.rows_per_rank)
-        rows = F.embedding(local_ids.masked_fill(outside, 0), self.weight)
+        rows = weight_grad.embedding(local_ids.masked_fill(outside, 0), self.weight)
         rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)
         return leave_tp_region(rows, self.tp, self.sequence_parallel)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_lite.layers import weight_grad
 from megatron_lite.layers.regions import enter_tp_region, leave_tp_region
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.comm import CommGroup
@@ -44,7 +45,7 @@ class ColumnParallelLinear(torch.nn.Module):
         if self.enter_region:
             [y] = column_parallel_linears(x, [self.weight], [self.bias], self.tp, self.sequence_parallel)
         else:
-            y = F.linear(x, self.weight, self.bias)
+            y = weight_grad.linear(x, self.weight, self.bias)
         if self.gather_output:
             y = _GatherLastDim.apply(y, self.tp)
         return y
@@ -57,37 +58,47 @@ def column_parallel_linears(x: torch.Tensor, weights: list[torch.Tensor], biases
 
     Without sequence parallelism the backward all-reduce of the input gradient is started as soon as
     that gradient exists and runs while the weight gradients are computed (Megatron's overlap of the
-    data-gradient all-reduce), instead of after them."""
+    data-gradient all-reduce), instead of after them. Under a zero-bubble schedule the weight gradients
+    are left to the W pass instead (`layers/weight_grad.py`)."""
     if sequence_parallel or tp.size == 1:
         x = enter_tp_region(x, tp, sequence_parallel)
-        return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+        return [weight_grad.linear(x, w, b) for w, b in zip(weights, biases)]
     return list(_ColumnLinearsOverlapped.apply(x, tp, *[t for pair in zip(weights, biases) for t in pair]))
 
 
 class _ColumnLinearsOverlapped(torch.autograd.Function):
     """y_i = x W_i^T + b_i forward; backward: dx = sum_i g_i W_i, all-reduced over TP asynchronously
-    while dW_i = g_i^T x and db_i are computed."""
+    while dW_i = g_i^T x and db_i are computed (or left to the W pass, see `layers/weight_grad.py`)."""
 
     @staticmethod
     def forward(ctx, x, tp, *weights_and_biases):
         weights, biases = weights_and_biases[0::2], weights_and_biases[1::2]
-        ctx.tp, ctx.has_bias = tp, [b is not None for b in biases]
-        ctx.save_for_backward(x, *weights)
+        ctx.tp, ctx.store = tp, weight_grad.active_store()
+        ctx.save_for_backward(x, *weights_and_biases)
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
 
     @staticmethod
     def backward(ctx, *grads):
         # Autograd materialises the gradient of every output (zeros for an unused one): none is None.
-        x, *weights = ctx.saved_tensors
+        x, *weights_and_biases = ctx.saved_tensors
+        weights, biases = weights_and_biases[0::2], weights_and_biases[1::2]
         grad_x = grads[0].matmul(weights[0])
         for grad, weight in zip(grads[1:], weights[1:]):
             grad_x.add_(grad.matmul(weight))
         pending = comm.all_reduce_async(grad_x, ctx.tp)
-        x_2d = x.reshape(-1, x.shape[-1])
-        grads_params = []
-        for grad, has_bias in zip(grads, ctx.has_bias):
-            grad_2d = grad.reshape(-1, grad.shape[-1])
-            grads_params += [grad_2d.t().mm(x_2d), grad_2d.sum(0) if has_bias else None]
+        needs = ctx.needs_input_grad[2:]
+
+        def weight_grads() -> weight_grad.WeightGrads:
+            pairs = []
+            for i, (grad, weight, bias) in enumerate(zip(grads, weights, biases)):
+                pairs += [(w, g) for w, g in weight_grad.linear_weight_grads(
+                    x, grad, weight, bias, needs[2 * i], bias is not None and needs[2 * i + 1])]
+            return pairs
+        if ctx.store is not None:
+            ctx.store.defer(weight_grads)
+            return (pending.wait().view_as(x), None, *[None] * len(weights_and_biases))
+        by_tensor = {id(t): g for t, g in weight_grads()}
+        grads_params = [by_tensor.get(id(t)) if t is not None else None for t in weights_and_biases]
         return (pending.wait().view_as(x), None, *grads_params)
 
 
@@ -109,10 +120,10 @@ class RowParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)  # the bias joins the matmul (one addmm)
+            return weight_grad.linear(x, self.weight, self.bias)  # the bias joins the matmul (one addmm)
         if not self.input_is_parallel:
             x = comm.scatter_to_sequence(x, self.tp, dim=-1)
-        y = leave_tp_region(F.linear(x, self.weight), self.tp, self.sequence_parallel)
+        y = leave_tp_region(weight_grad.linear(x, self.weight), self.tp, self.sequence_parallel)
         return y if self.bias is None else y + self.bias
 
 

@@ -87,6 +87,8 @@ class PipelineExecutor:
         how transfers are grouped (default: the transport's, see `program.default_batching`)."""
         if len(chunks) != plan.virtual_stages:
             raise ValueError(f"{len(chunks)} model chunks for a plan with {plan.virtual_stages} virtual stages")
+        if plan.split_backward or plan.mapping != "loop":
+            raise NotImplementedError(f"the executor does not run {plan.name} yet (backwards split into I and W)")
         self.plan, self.chunks, self.layout = plan, chunks, layout
         self.activation_shape, self.dtype = tuple(activation_shape), dtype
         self.rank = layout.pp.rank

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan, stage_location, virtual_stage
+from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan
 from megatron_lite.pipeline.transport import Message, Transport, message_of
 
 BATCHINGS = ("consecutive", "matched")
@@ -100,12 +100,14 @@ def produced_message(plan: PipelinePlan, rank: int, action: Action) -> Message |
 
 
 def _neighbour_message(plan: PipelinePlan, rank: int, action: Action, incoming: bool) -> Message | None:
+    if action.kind is ActionKind.BACKWARD_WEIGHT:
+        return None  # W reads and writes nothing outside this rank
     forward = action.kind is F
     step = -1 if forward == incoming else 1  # forwards read from the stage before, write to the next
-    other = virtual_stage(rank, action.chunk, plan.num_stages) + step
+    other = plan.stage_of(rank, action.chunk) + step
     if not 0 <= other < plan.num_virtual_stages:
         return None
-    other_rank, _ = stage_location(other, plan.num_stages)
+    other_rank, _ = plan.location(other)
     if other_rank == rank:
         return None
     kinds = {(True, True): ActionKind.RECV_ACTIVATION, (True, False): ActionKind.SEND_ACTIVATION,
@@ -115,6 +117,8 @@ def _neighbour_message(plan: PipelinePlan, rank: int, action: Action, incoming: 
 
 def _matched(plan: PipelinePlan, forward_cost: float = 1.0, backward_cost: float = 2.0) -> Programs:
     p = plan.num_stages
+    cost = {F: forward_cost, B: backward_cost, ActionKind.BACKWARD_INPUT: backward_cost / 2,
+            ActionKind.BACKWARD_WEIGHT: backward_cost / 2}
     computes = [[a for a in actions if a.kind.is_compute] for actions in plan.actions]
     # The plan's own send/receive actions, by message (the program posts exactly those).
     comm_action: dict[tuple[int, Message], Action] = {}
@@ -159,7 +163,7 @@ def _matched(plan: PipelinePlan, forward_cost: float = 1.0, backward_cost: float
             if needed is None or needed in delivered:
                 steps[rank].append(action)
                 position[rank] += 1
-                busy_until[rank] = now + (forward_cost if action.kind is F else backward_cost)
+                busy_until[rank] = now + cost[action.kind]
         running = [t for t in busy_until if t is not None]
         if not running:
             if all(position[r] == len(computes[r]) for r in range(p)) and not any(pending):
@@ -194,8 +198,8 @@ def send_completion_points(plan: PipelinePlan, programs: Programs, rank: int) ->
                 for action in step.actions:
                     if action.kind.is_send:
                         posted_at[message_of(plan, r, action)] = index
-            else:
-                compute_at[(r, step.kind, step.microbatch, step.chunk)] = index
+            elif step.kind is not ActionKind.BACKWARD_WEIGHT:  # I consumes the gradient as B does
+                compute_at[(r, B if step.kind.is_backward else F, step.microbatch, step.chunk)] = index
     points: dict[Message, list[Message]] = {}
     mine = programs[rank]
     for index, step in enumerate(mine):
@@ -203,7 +207,7 @@ def send_completion_points(plan: PipelinePlan, programs: Programs, rank: int) ->
             continue
         for send in (a for a in step.actions if a.kind.is_send):
             sent = message_of(plan, rank, send)
-            _, chunk = stage_location(sent.consumer, plan.num_stages)
+            _, chunk = plan.location(sent.consumer)
             kind = F if sent.direction == "F" else B
             consumed_at = compute_at[(sent.receiver, kind, sent.microbatch, chunk)]
             for later in mine[index:]:

@@ -6,10 +6,15 @@ point-to-point communication each compute action implies. The executor, the vali
 (``validate.py``) and the simulator (``simulate.py``) all read the same lists, so what we check
 and draw is exactly what runs.
 
-Virtual stages follow Megatron: model chunk ``c`` on rank ``r`` is virtual stage ``c * p + r``.
-Activations flow from virtual stage ``s`` to ``s + 1`` (the next rank, wrapping to chunk ``c + 1``
-after the last rank); gradients flow the other way. Without interleaving ``v == 1`` and the
-virtual stage is just the rank.
+Virtual stages follow Megatron ("loop" mapping): model chunk ``c`` on rank ``r`` is virtual stage
+``c * p + r``. Activations flow from virtual stage ``s`` to ``s + 1`` (the next rank, wrapping to chunk
+``c + 1`` after the last rank); gradients flow the other way. Without interleaving ``v == 1`` and the
+virtual stage is just the rank. ZBV places its two chunks per rank in a V ("v" mapping): chunk 0 of
+rank ``r`` is stage ``r``, chunk 1 is stage ``2p - 1 - r``, so the last rank hands over locally.
+
+Zero-bubble schedules split a backward into I (gradient of the stage input, sent on at once) and W
+(the weight gradients, run later to fill idle time; `layers/weight_grad.py`): a plan runs, for each
+(microbatch, chunk), either one B or one I followed later by one W.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from megatron_lite.parallel.layout import stage_location, virtual_stage  # noqa:
 class ActionKind(str, Enum):
     FORWARD = "F"
     BACKWARD = "B"
+    BACKWARD_INPUT = "I"  # zero-bubble: input gradient only (the critical path)
+    BACKWARD_WEIGHT = "W"  # zero-bubble: the weight gradients of an earlier I
     SEND_ACTIVATION = "SEND_F"
     RECV_ACTIVATION = "RECV_F"
     SEND_GRAD = "SEND_B"
@@ -41,8 +48,14 @@ class ActionKind(str, Enum):
     def is_recv(self) -> bool:
         return self in _RECV_KINDS
 
+    @property
+    def is_backward(self) -> bool:
+        """B or I: consumes the gradient from the next stage and produces the input gradient."""
+        return self in (ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT)
 
-_COMPUTE_KINDS = frozenset({ActionKind.FORWARD, ActionKind.BACKWARD})
+
+_COMPUTE_KINDS = frozenset({ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT,
+                            ActionKind.BACKWARD_WEIGHT})
 _SEND_KINDS = frozenset({ActionKind.SEND_ACTIVATION, ActionKind.SEND_GRAD})
 _RECV_KINDS = frozenset({ActionKind.RECV_ACTIVATION, ActionKind.RECV_GRAD})
 
@@ -74,13 +87,43 @@ class PipelinePlan:
     virtual_stages: int
     actions: tuple[tuple[Action, ...], ...]  # actions[rank] = ordered list for that pipeline rank
     forward_only: bool = False  # no backward actions (evaluation, generation)
+    mapping: str = "loop"  # how chunks map to virtual stages: "loop" (Megatron) or "v" (ZBV)
 
     @property
     def num_virtual_stages(self) -> int:
         return self.num_stages * self.virtual_stages
 
+    @property
+    def split_backward(self) -> bool:
+        """Whether backwards run as I + W (zero-bubble) rather than B."""
+        return any(a.kind is ActionKind.BACKWARD_WEIGHT for rank in self.actions for a in rank)
+
+    def stage_of(self, rank: int, chunk: int) -> int:
+        """The virtual stage that model chunk `chunk` of pipeline rank `rank` runs."""
+        return stage_of(rank, chunk, self.num_stages, self.mapping)
+
+    def location(self, stage: int) -> tuple[int, int]:
+        """(pipeline rank, chunk) that hosts virtual stage `stage`."""
+        return location(stage, self.num_stages, self.mapping)
+
+
+MAPPINGS = ("loop", "v")
+
+
+def stage_of(rank: int, chunk: int, num_stages: int, mapping: str = "loop") -> int:
+    if mapping == "v":
+        return rank if chunk == 0 else 2 * num_stages - 1 - rank
+    return virtual_stage(rank, chunk, num_stages)
+
+
+def location(stage: int, num_stages: int, mapping: str = "loop") -> tuple[int, int]:
+    if mapping == "v":
+        return (stage, 0) if stage < num_stages else (2 * num_stages - 1 - stage, 1)
+    return stage_location(stage, num_stages)
+
 
 _FORWARD_KINDS = frozenset({ActionKind.FORWARD, ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION})
+ZERO_BUBBLE = ("zb_h1", "zbv")  # schedules that split backwards into I and W
 
 
 @functools.lru_cache(maxsize=32)
@@ -90,7 +133,12 @@ def forward_only_plan(plan: PipelinePlan) -> PipelinePlan:
     return replace(plan, name=f"{plan.name} (forward only)", actions=actions, forward_only=True)
 
 
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b") + ZERO_BUBBLE
+
+
+def schedule_mapping(name: str) -> str:
+    """How schedule `name` places model chunks on ranks ("loop" or "v"): the model must be built so."""
+    return "v" if name == "zbv" else "loop"
 
 
 def build_schedule(
@@ -99,23 +147,28 @@ def build_schedule(
     """Per-rank action lists for schedule ``name`` with p stages, m microbatches, v chunks."""
     _check_arguments(name, num_stages, num_microbatches, virtual_stages)
     p, m, v = num_stages, num_microbatches, virtual_stages
+    from megatron_lite.pipeline import zero_bubble  # the zero-bubble orders live in their own module
+
     order_for_rank = {
         "gpipe": lambda rank: _gpipe_compute_order(m),
         "1f1b": lambda rank: _one_f_one_b_compute_order(p, m, rank),
         "interleaved_1f1b": lambda rank: _interleaved_compute_order(p, m, v, rank),
+        "zb_h1": lambda rank: zero_bubble.zb_h1_compute_order(p, m, rank),
+        "zbv": lambda rank: zero_bubble.zbv_compute_order(p, m, rank),
     }[name]
+    mapping = schedule_mapping(name)
     actions = tuple(
-        tuple(_with_communication(order_for_rank(rank), rank, p, v)) for rank in range(p)
+        tuple(_with_communication(order_for_rank(rank), rank, p, v, mapping)) for rank in range(p)
     )
-    return PipelinePlan(name, p, m, v, actions)
+    return PipelinePlan(name, p, m, v, actions, mapping=mapping)
 
 
 def forwards_precede_backwards(plan: PipelinePlan) -> bool:
     """Whether every rank runs all its forwards of a step before its first backward (GPipe; any
     schedule with one microbatch)."""
     for actions in plan.actions:
-        kinds = [a.kind for a in actions if a.kind in (ActionKind.FORWARD, ActionKind.BACKWARD)]
-        if ActionKind.BACKWARD in kinds and ActionKind.FORWARD in kinds[kinds.index(ActionKind.BACKWARD):]:
+        kinds = ["B" if a.kind.is_backward else "F" for a in actions if a.kind is ActionKind.FORWARD or a.kind.is_backward]
+        if "B" in kinds and "F" in kinds[kinds.index("B"):]:
             return False
     return True
 
@@ -130,7 +183,9 @@ def _check_arguments(name: str, p: int, m: int, v: int) -> None:
     if name not in SCHEDULE_NAMES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
     _check_positive(num_stages=p, num_microbatches=m, virtual_stages=v)
-    if name != "interleaved_1f1b" and v != 1:
+    if name == "zbv" and v != 2:
+        raise ValueError(f"zbv runs two model chunks per rank in a V, got virtual_stages={v}; use virtual_stages=2")
+    if name not in ("interleaved_1f1b", "zbv") and v != 1:
         raise ValueError(
             f"{name} runs one model chunk per rank, got virtual_stages={v}; "
             "use virtual_stages=1 or schedule interleaved_1f1b"
@@ -206,26 +261,29 @@ def _interleaved_compute_order(p: int, m: int, v: int, rank: int) -> list[Action
     return order
 
 
-def _with_communication(compute: list[Action], rank: int, p: int, v: int) -> list[Action]:
-    """Insert the receive right before and the send right after each compute action."""
-    if p == 1:
-        return list(compute)  # every virtual stage lives on this rank: data stays local
+def _with_communication(compute: list[Action], rank: int, p: int, v: int, mapping: str = "loop") -> list[Action]:
+    """Insert the receive right before and the send right after each compute action (none for W, and
+    none between virtual stages on the same rank)."""
     last = p * v - 1
-    prev_rank, next_rank = (rank - 1) % p, (rank + 1) % p
+
+    def peer(stage: int) -> int | None:
+        """The rank of virtual stage `stage` if it exists and lives on another rank."""
+        if not 0 <= stage <= last:
+            return None
+        other, _ = location(stage, p, mapping)
+        return None if other == rank else other
+
     out: list[Action] = []
     for action in compute:
         mb, chunk = action.microbatch, action.chunk
-        stage = virtual_stage(rank, chunk, p)
-        if action.kind is ActionKind.FORWARD:
-            if stage > 0:
-                out.append(Action(ActionKind.RECV_ACTIVATION, mb, chunk, prev_rank))
-            out.append(action)
-            if stage < last:
-                out.append(Action(ActionKind.SEND_ACTIVATION, mb, chunk, next_rank))
-        else:
-            if stage < last:
-                out.append(Action(ActionKind.RECV_GRAD, mb, chunk, next_rank))
-            out.append(action)
-            if stage > 0:
-                out.append(Action(ActionKind.SEND_GRAD, mb, chunk, prev_rank))
+        stage = stage_of(rank, chunk, p, mapping)
+        before, after = (stage - 1, stage + 1) if action.kind is ActionKind.FORWARD else (stage + 1, stage - 1)
+        kinds = {ActionKind.FORWARD: (ActionKind.RECV_ACTIVATION, ActionKind.SEND_ACTIVATION),
+                 ActionKind.BACKWARD: (ActionKind.RECV_GRAD, ActionKind.SEND_GRAD),
+                 ActionKind.BACKWARD_INPUT: (ActionKind.RECV_GRAD, ActionKind.SEND_GRAD)}.get(action.kind)
+        if kinds and peer(before) is not None:
+            out.append(Action(kinds[0], mb, chunk, peer(before)))
+        out.append(action)
+        if kinds and peer(after) is not None:
+            out.append(Action(kinds[1], mb, chunk, peer(after)))
     return out

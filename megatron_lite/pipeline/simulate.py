@@ -2,24 +2,20 @@
 
 Costs are per action, i.e. per model chunk: with interleaving each chunk holds 1/v of a rank's
 layers, so pass ``forward_cost / v`` to compare wall time with a non-interleaved plan. The bubble
-fraction does not depend on that scale.
+fraction does not depend on that scale. A zero-bubble plan's I and W cost ``input_cost`` and
+``weight_cost`` (default: half the backward each, so B = I + W).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_lite.pipeline.schedules import (
-    Action,
-    ActionKind,
-    PipelinePlan,
-    stage_location,
-    virtual_stage,
-)
+from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan
 from megatron_lite.pipeline.transport import Message, message_of
 from megatron_lite.pipeline.validate import PlanError
 
 F, B = ActionKind.FORWARD, ActionKind.BACKWARD
+I, W = ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 
 
 @dataclass(frozen=True)
@@ -41,6 +37,14 @@ class SimulationResult:
     idle: tuple[float, ...]
     bubble_fraction: float  # total idle / (p * makespan)
     peak_in_flight: tuple[int, ...]  # per rank, (microbatch, chunk) pairs with live activations
+    # Idle time between a rank's first compute start and its last compute end: the bubble the zero-bubble
+    # paper's figures count (a parallelogram schedule, whose ranks start one forward apart and stay busy
+    # to their end, has none; the start-up ramp every schedule shares is left out).
+    inner_idle: tuple[float, ...] = ()
+
+    @property
+    def inner_bubble_fraction(self) -> float:
+        return sum(self.inner_idle) / (self.plan.num_stages * self.makespan) if self.makespan > 0 else 0.0
 
 
 def analytic_bubble_fraction(
@@ -52,15 +56,22 @@ def analytic_bubble_fraction(
 
 
 def peak_in_flight(plan: PipelinePlan) -> tuple[int, ...]:
-    """Most (microbatch, chunk) activations held at once per rank: forward done, backward not."""
+    """Most (microbatch, chunk) activations held at once per rank: forward done, backward not (for a
+    zero-bubble plan: W not, since W still reads the layers' inputs)."""
     peaks = []
     for actions in plan.actions:
         live = peak = 0
         for action in actions:
-            live += {F: 1, B: -1}.get(action.kind, 0)
+            live += {F: 1, B: -1, W: -1}.get(action.kind, 0)
             peak = max(peak, live)
         peaks.append(peak)
     return tuple(peaks)
+
+
+def peak_activation_memory(plan: PipelinePlan) -> float:
+    """The largest per-rank peak of in-flight activations, in microbatches of a whole rank's layers (a
+    chunk holds 1/v of them): what the job's activation memory is sized by."""
+    return max(peak_in_flight(plan)) / plan.virtual_stages
 
 
 class _Clock:
@@ -90,7 +101,7 @@ class _Clock:
         return True
 
     def _send(self, rank: int, action: Action) -> None:
-        producer = F if action.kind is ActionKind.SEND_ACTIVATION else B
+        producer = F if action.kind is ActionKind.SEND_ACTIVATION else B  # B stands for I as well
         produced = self.compute_end[rank][(producer, action.microbatch, action.chunk)]
         self.sent[message_of(self.plan, rank, action)] = produced + self.comm_cost
 
@@ -102,8 +113,10 @@ class _Clock:
         return True
 
     def _inputs_ready_at(self, rank: int, action: Action) -> float:
-        p, mb = self.plan.num_stages, action.microbatch
-        stage = virtual_stage(rank, action.chunk, p)
+        mb = action.microbatch
+        stage = self.plan.stage_of(rank, action.chunk)
+        if action.kind is W:
+            return self.compute_end[rank][(I, mb, action.chunk)]
         if action.kind is F:
             source, recv_kind, ready = stage - 1, ActionKind.RECV_ACTIVATION, 0.0
         else:
@@ -111,9 +124,9 @@ class _Clock:
             ready = self.compute_end[rank][(F, mb, action.chunk)]
         if not 0 <= source < self.plan.num_virtual_stages:
             return ready
-        source_rank, source_chunk = stage_location(source, p)
-        if source_rank == rank:  # neighbour chunk on this rank (p == 1): no message
-            return max(ready, self.compute_end[rank][(action.kind, mb, source_chunk)])
+        source_rank, source_chunk = self.plan.location(source)
+        if source_rank == rank:  # neighbour chunk on this rank (p == 1, the turn of a V): no message
+            return max(ready, self.compute_end[rank][(F if action.kind is F else B, mb, source_chunk)])
         return max(ready, self.arrived[rank][(recv_kind, mb, action.chunk)])
 
     def _compute(self, rank: int, action: Action) -> None:
@@ -121,6 +134,8 @@ class _Clock:
         end = start + self.costs[action.kind]
         self.free_at[rank] = end
         self.compute_end[rank][(action.kind, action.microbatch, action.chunk)] = end
+        if action.kind is I:  # the input gradient exists, as after a B
+            self.compute_end[rank][(B, action.microbatch, action.chunk)] = end
         self.spans[rank].append(
             ComputeSpan(rank, action.kind, action.microbatch, action.chunk, start, end)
         )
@@ -131,10 +146,15 @@ def simulate(
     forward_cost: float = 1.0,
     backward_cost: float = 2.0,
     comm_cost: float = 0.0,
+    input_cost: float | None = None,
+    weight_cost: float | None = None,
 ) -> SimulationResult:
     """Start/end of every compute action, assuming a compute starts once the rank is free and
     its inputs have arrived (a send lands ``comm_cost`` after its producer ends)."""
-    clock = _Clock(plan, {F: forward_cost, B: backward_cost}, comm_cost)
+    costs = {F: forward_cost, B: backward_cost,
+             I: backward_cost / 2 if input_cost is None else input_cost,
+             W: backward_cost / 2 if weight_cost is None else weight_cost}
+    clock = _Clock(plan, costs, comm_cost)
     try:
         _run_until_stuck(clock)
     except KeyError as missing:
@@ -146,6 +166,7 @@ def simulate(
     busy = tuple(sum(s.end - s.start for s in rank_spans) for rank_spans in clock.spans)
     idle = tuple(makespan - b for b in busy)
     bubble = sum(idle) / (plan.num_stages * makespan) if makespan > 0 else 0.0
+    inner = tuple((spans[-1].end - spans[0].start - b) if spans else 0.0 for spans, b in zip(clock.spans, busy))
     return SimulationResult(
         plan=plan,
         spans=tuple(tuple(rank_spans) for rank_spans in clock.spans),
@@ -154,6 +175,7 @@ def simulate(
         idle=idle,
         bubble_fraction=bubble,
         peak_in_flight=peak_in_flight(plan),
+        inner_idle=inner,
     )
 
 
@@ -193,7 +215,8 @@ def render_text(result: SimulationResult, width: int | None = None) -> str:
     lines = [
         f"{plan.name}  p={plan.num_stages} m={plan.num_microbatches} v={plan.virtual_stages}"
         f"  makespan={result.makespan:g}  bubble={result.bubble_fraction:.1%}",
-        "legend: '3  ' forward of microbatch 3, '3==' backward of microbatch 3, '.' idle"
+        "legend: '3  ' forward of microbatch 3, '3==' backward of microbatch 3"
+        + (" (input gradient only), '3ww' its weight gradients" if plan.split_backward else "") + ", '.' idle"
         + ("; suffix a/b/... = model chunk 0/1/..." if interleaved else "")
         + ("; '-'/'=' forward/backward too narrow for a label" if squeezed else ""),
     ]
@@ -213,7 +236,8 @@ def _paint(row: list[str], span: ComputeSpan, scale: float, label: str) -> None:
         # A forward is its number padded with blanks; squeezed below that, a run of '-'.
         text = label.ljust(length) if len(label) < length else "-" * length
     else:
-        text = (label + "=" * length)[:length] if len(label) < length else "=" * length
+        fill = "w" if span.kind is W else "="
+        text = (label + fill * length)[:length] if len(label) < length else fill * length
     row[first:last] = list(text)
 
 
@@ -227,12 +251,13 @@ def render_png(result: SimulationResult, path: str) -> None:
     interleaved = plan.virtual_stages > 1
     forward_colours = ["#4C72B0", "#64B5CD", "#2A9D8F", "#8172B2"]
     backward_colours = ["#DD8452", "#C44E52", "#E9C46A", "#937860"]
+    weight_colours = ["#55A868", "#8C8C8C", "#A1C181", "#6B8E23"]
     figure = Figure(figsize=(min(4 + result.makespan * 0.3, 40), 1 + 0.6 * plan.num_stages))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for rank, rank_spans in enumerate(result.spans):
         for span in rank_spans:
-            palette = forward_colours if span.kind is F else backward_colours
+            palette = {F: forward_colours, W: weight_colours}.get(span.kind, backward_colours)
             colour = palette[span.chunk % len(palette)]
             axes.broken_barh(
                 [(span.start, span.end - span.start)], (rank - 0.4, 0.8),
@@ -250,6 +275,8 @@ def render_png(result: SimulationResult, path: str) -> None:
     suffix = (lambda c: f" chunk {c}") if interleaved else (lambda c: "")
     handles = [Patch(color=forward_colours[c], label=f"forward{suffix(c)}") for c in chunks]
     handles += [Patch(color=backward_colours[c], label=f"backward{suffix(c)}") for c in chunks]
+    if plan.split_backward:
+        handles += [Patch(color=weight_colours[c], label=f"weight grads{suffix(c)}") for c in chunks]
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     axes.set_title(
         f"{plan.name}: p={plan.num_stages}, m={plan.num_microbatches}, "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan, virtual_stage
+from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan
 
 ACTIVATION, GRADIENT = "F", "B"
 
@@ -48,7 +48,7 @@ class Message:
 
 def message_of(plan: PipelinePlan, rank: int, action: Action) -> Message:
     """The message a send or receive action of `rank` carries."""
-    stage = virtual_stage(rank, action.chunk, plan.num_stages)
+    stage = plan.stage_of(rank, action.chunk)
     direction = ACTIVATION if action.kind in (ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION) else GRADIENT
     if action.kind.is_send:
         consumer = stage + 1 if direction == ACTIVATION else stage - 1

@@ -1,7 +1,8 @@
 """Check that a PipelinePlan is complete, consistent and cannot hang, and that the rank programs
 built from it cannot hang on the transport they run on.
 
-`validate_plan(plan)` checks the plan itself: every compute exactly once, inputs before use, every
+`validate_plan(plan)` checks the plan itself: every compute exactly once (each backward as one B, or
+as one I and one W after it, for zero-bubble plans), inputs before use, every
 receive matched by a send on the same channel in the same order, and no deadlock when sends never
 block (the weakest transport: if the plan deadlocks there, no batching can save it).
 `validate_plan(plan, transport)` also builds the programs the executor will post on that transport
@@ -28,16 +29,11 @@ from megatron_lite.pipeline.program import (
     consumed_message,
     default_batching,
 )
-from megatron_lite.pipeline.schedules import (
-    Action,
-    ActionKind,
-    PipelinePlan,
-    stage_location,
-    virtual_stage,
-)
+from megatron_lite.pipeline.schedules import Action, ActionKind, PipelinePlan
 from megatron_lite.pipeline.transport import Message, Transport, message_of
 
 F, B = ActionKind.FORWARD, ActionKind.BACKWARD
+I, W = ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 SEND_F, RECV_F = ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION
 SEND_B, RECV_B = ActionKind.SEND_GRAD, ActionKind.RECV_GRAD
 
@@ -107,7 +103,7 @@ def _peer_problem(plan: PipelinePlan, rank: int, action: Action) -> str | None:
     if other is None:
         stage = _stage(plan, rank, action)
         return f"virtual stage {stage} is at the end of the pipeline, nobody to exchange with"
-    expected, _ = stage_location(other, plan.num_stages)
+    expected, _ = plan.location(other)
     if expected == rank:
         return f"virtual stage {other} is on the same rank, the data stays local"
     if action.peer != expected:
@@ -116,7 +112,7 @@ def _peer_problem(plan: PipelinePlan, rank: int, action: Action) -> str | None:
 
 
 def _stage(plan: PipelinePlan, rank: int, action: Action) -> int:
-    return virtual_stage(rank, action.chunk, plan.num_stages)
+    return plan.stage_of(rank, action.chunk)
 
 
 def _neighbour_stage(plan: PipelinePlan, rank: int, action: Action) -> int | None:
@@ -129,15 +125,22 @@ def _neighbour_stage(plan: PipelinePlan, rank: int, action: Action) -> int | Non
 
 def _check_compute_exactly_once(plan: PipelinePlan, rank: int, actions: Iterable[Action]) -> None:
     counts = Counter((a.kind, a.microbatch, a.chunk) for a in actions if a.kind.is_compute)
-    for kind in ((F,) if plan.forward_only else (F, B)):
-        for chunk in range(plan.virtual_stages):
-            for mb in range(plan.num_microbatches):
-                n = counts[(kind, mb, chunk)]
-                if n != 1:
-                    raise PlanError(
-                        f"rank {rank} runs {kind.value}(mb={mb}, chunk={chunk}) {n} times, "
-                        "expected exactly once"
-                    )
+    for chunk in range(plan.virtual_stages):
+        for mb in range(plan.num_microbatches):
+            n = {kind: counts[(kind, mb, chunk)] for kind in (F, B, I, W)}
+            if plan.forward_only:
+                expected = {F: 1, B: 0, I: 0, W: 0}
+            elif n[B] == 0 and (n[I] or n[W]):
+                expected = {F: 1, B: 0, I: 1, W: 1}  # a backward split into I and W
+            else:
+                expected = {F: 1, B: 1, I: 0, W: 0}
+            for kind in (F, B, I, W):
+                if n[kind] != expected[kind]:
+                    how = "exactly once" if expected[kind] else "never"
+                    if kind is W and expected[kind]:
+                        how += " (every I needs its W)"
+                    raise PlanError(f"rank {rank} runs {kind.value}(mb={mb}, chunk={chunk}) {n[kind]} times, "
+                                    f"expected {how}")
 
 
 def _check_local_order(plan: PipelinePlan, rank: int, actions: tuple[Action, ...]) -> None:
@@ -151,6 +154,8 @@ def _check_local_order(plan: PipelinePlan, rank: int, actions: tuple[Action, ...
         if missing:
             raise PlanError(f"{_where(rank, index, action)}: runs before {missing}")
         done.add(key)
+        if action.kind is I:
+            done.add((B, action.microbatch, action.chunk))  # the input gradient exists, as after a B
 
 
 def _missing_input(plan: PipelinePlan, rank: int, action: Action, done: set) -> str | None:
@@ -159,10 +164,12 @@ def _missing_input(plan: PipelinePlan, rank: int, action: Action, done: set) -> 
     if action.kind is SEND_F:
         needs.append((F, mb, chunk))
     elif action.kind is SEND_B:
-        needs.append((B, mb, chunk))
+        needs.append((B, mb, chunk))  # or I
     elif action.kind is F and _stage(plan, rank, action) > 0:
         needs.append(_input_source(plan, rank, action, RECV_F, -1))
-    elif action.kind is B:
+    elif action.kind is W:
+        needs.append((I, mb, chunk))  # each W follows its own I
+    elif action.kind.is_backward:
         needs.append((F, mb, chunk))  # the backward of a stage needs its own forward
         if _stage(plan, rank, action) < plan.num_virtual_stages - 1:
             needs.append(_input_source(plan, rank, action, RECV_B, +1))
@@ -177,10 +184,10 @@ def _input_source(
     plan: PipelinePlan, rank: int, action: Action, recv_kind: ActionKind, step: int
 ) -> tuple[ActionKind, int, int]:
     """What must precede a compute action: its receive, or the local compute it reads from."""
-    source_rank, source_chunk = stage_location(_stage(plan, rank, action) + step, plan.num_stages)
+    source_rank, source_chunk = plan.location(_stage(plan, rank, action) + step)
     if source_rank != rank:
         return (recv_kind, action.microbatch, action.chunk)
-    return (action.kind, action.microbatch, source_chunk)
+    return (F if action.kind is F else B, action.microbatch, source_chunk)
 
 
 def _message(plan: PipelinePlan, rank: int, action: Action) -> tuple[Channel, Message]:
