@@ -5,9 +5,9 @@ prompt, causal), step k >= 1 the decode of the token step k-1 chose. Pipeline ra
 (k, g) enters stage 0 at tick k*c + g, with c = max(m, p), and stage r at tick k*c + g + r. With m >= p
 groups every stage works at every tick, each on another group (the groups rotate through the stages);
 with m = 1 one group walks the stages one after the other. At the end of a tick the hidden states move
-one stage on (one P2P per stage boundary, through comm.py), and the last stage's tokens for the group
-it finished go to every stage (one broadcast over the pipeline group): stage 0 embeds them k*c + g + c
-later, which c >= p makes after they are known.
+one stage on (one P2P per stage boundary, through comm.py), and the last stage sends the tokens of the
+group it finished to every other stage, all in one batch of transfers: stage 0 embeds them at tick
+k*c + g + c, which c >= p makes after they are known.
 
 The last stage gathers the vocabulary over TP and samples; its TP ranks agree because they hold the
 same logits and per-request generators (sampling.py). Every rank keeps the same bookkeeping (tokens,
@@ -26,6 +26,8 @@ from megatron_lite.inference.kv_cache import KVCache
 from megatron_lite.inference.sampling import SamplingParams, request_generators, sample
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
+
+ACTIVATION_TAG, TOKEN_TAG = 0, 1
 
 
 @dataclass
@@ -156,22 +158,27 @@ class Engine:
             sending = mine is not None and r < p - 1
             receiving = r > 0 and unit(tick, r - 1) is not None
             output = self._compute(groups, mine, received, device) if mine is not None else None
+            last = unit(tick, p - 1)
+            tokens = None
+            if last is not None:  # the group the last stage finished: its tokens, sampled there
+                b = len(groups[last[1]].ids)
+                tokens = (self._sample(groups[last[1]], params, output, keep_logits) if r == p - 1
+                          else torch.empty(b, dtype=torch.long, device=device))
+            # One batch of transfers per tick: hidden states one stage on, the tokens from the last stage
+            # to every other (at most one message per ordered pair of ranks, so tags and order never clash).
             ops = []
             if sending:
-                ops.append(comm.P2POp(True, output.contiguous(), r + 1))
+                ops.append(comm.P2POp(True, output.contiguous(), r + 1, ACTIVATION_TAG))
             if receiving:
                 received = torch.empty(input_shape(*unit(tick, r - 1)), dtype=dtype, device=device)
-                ops.append(comm.P2POp(False, received, r - 1))
+                ops.append(comm.P2POp(False, received, r - 1, ACTIVATION_TAG))
+            if tokens is not None and p > 1:
+                ops += ([comm.P2POp(True, tokens, peer, TOKEN_TAG) for peer in range(p - 1)] if r == p - 1
+                        else [comm.P2POp(False, tokens, p - 1, TOKEN_TAG)])
             for work in comm.start_p2p(ops, layout.pp):
                 work.wait()
-            last = unit(tick, p - 1)
-            if last is not None:
-                k, g = last
-                tokens = output if r == p - 1 else torch.empty(len(groups[g].ids), dtype=torch.long, device=device)
-                if r == p - 1:
-                    tokens = self._sample(groups[g], params, tokens, keep_logits)
-                comm.broadcast(tokens, layout.pp, src_group_rank=p - 1)
-                self._record(groups[g], k, tokens.tolist(), eos_id, start, on_tokens)
+            if tokens is not None:
+                self._record(groups[last[1]], last[0], tokens.tolist(), eos_id, start, on_tokens)
             tick += 1
         total = time.perf_counter() - start
         tokens, logits = [None] * len(prompts), [None] * len(prompts)
