@@ -67,6 +67,7 @@ class CacheStep:
         # mask[b, 0, t, j]: query t of sequence b sees slot j <= its own position (causal, per sequence).
         self.mask = (slots[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)
         self.rows = torch.arange(self.positions.shape[0], device=self.positions.device)[:, None]
+        self.rotations = {}  # RoPE's (cos, sin) of this step, the same in every layer
 
     def layer(self, layer_id: int) -> "LayerCache":
         return LayerCache(self, layer_id)
@@ -78,6 +79,13 @@ class LayerCache:
     def __init__(self, step: CacheStep, layer_id: int):
         self.step, self.layer_id = step, layer_id
         self.positions = step.positions
+
+    def rotation(self, rope, dtype: torch.dtype):
+        """RoPE's (cos, sin) at the new tokens' positions, computed by the first layer that asks."""
+        key = (rope.signature, dtype)
+        if key not in self.step.rotations:
+            self.step.rotations[key] = rope.rotation(self.positions, self.positions.device, dtype)
+        return self.step.rotations[key]
 
     def store(self, k: torch.Tensor, v: torch.Tensor):
         """Write the new keys/values [b, kv heads, s, d] at their slots; return the cached keys and

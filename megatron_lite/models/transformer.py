@@ -90,24 +90,32 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None):
         super().__init__()
+        self.signature = (head_dim, theta, scaling)  # equal signatures rotate alike (shared per inference step)
         # Not a buffer: module.to(bfloat16) must not round the frequencies.
         self._inv_freq = {torch.device("cpu"): rope_inverse_frequencies(head_dim, theta, scaling)}
+
+    def rotation(self, positions: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        """(cos, sin) of the angles at `positions` ([s], or [b, s] giving [b, 1, s, d] for every head)."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq(device)
+        angles = torch.cat([angles, angles], dim=-1)
+        if angles.dim() == 3:
+            angles = angles.unsqueeze(1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
             self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
         return self._inv_freq[device]
 
-    def forward(self, x, start: int = 0, positions: torch.Tensor | None = None):
+    def forward(self, x, start: int = 0, positions: torch.Tensor | None = None, cos_sin=None):
         """x: [b, heads, s, d] at positions start, start + 1, ... or, given, `positions` [b, s] (one row
-        per sequence: a KV-cached decode step, prompts of different lengths)."""
-        if positions is None:
-            positions = torch.arange(start, start + x.shape[-2], device=x.device, dtype=torch.float32)
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq(x.device)
-        angles = torch.cat([angles, angles], dim=-1)
-        if angles.dim() == 3:  # [b, s, d] -> [b, 1, s, d]: the same angles for every head
-            angles = angles.unsqueeze(1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        per sequence: a KV-cached decode step, prompts of different lengths); `cos_sin`: the
+        `rotation(positions, ...)` of those positions, computed once for every layer."""
+        if cos_sin is None:
+            if positions is None:
+                positions = torch.arange(start, start + x.shape[-2], device=x.device, dtype=torch.float32)
+            cos_sin = self.rotation(positions, x.device, x.dtype)
+        cos, sin = cos_sin
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -135,14 +143,16 @@ class Attention(torch.nn.Module):
 
     def forward(self, x, cache=None):
         """cache: None (training, and any forward over whole sequences), or one layer's KV cache for a
-        prefill or decode step (inference/kv_cache.py): `positions` [b, s] of the new tokens and
-        `store(k, v)` -> (keys, values, mask) of every cached token each new query may attend to."""
+        prefill or decode step (inference/kv_cache.py): `rotation(rope, dtype)` -> RoPE's (cos, sin) at
+        the new tokens' positions and `store(k, v)` -> (keys, values, mask) of every cached token each
+        new query may attend to."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         q, k, v = (rearrange(y, "b s (h d) -> b h s d", d=self.head_dim) for y in column_parallel_linears(
             x, [p.weight for p in projections], [p.bias for p in projections], self.ctx.tp, self.ctx.sequence_parallel))
         if cache is not None:
             if self.rope is not None:
-                q, k = self.rope(q, positions=cache.positions), self.rope(k, positions=cache.positions)
+                cos_sin = cache.rotation(self.rope, q.dtype)
+                q, k = self.rope(q, cos_sin=cos_sin), self.rope(k, cos_sin=cos_sin)
             k, v, mask = cache.store(k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads > self.kv_heads)
             return self.o_proj(rearrange(out, "b h s d -> b s (h d)"))
