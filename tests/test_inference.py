@@ -27,7 +27,7 @@ GPT2 = gpt2_config(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, 
 PROMPTS = [[int(t) for t in torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n))]
            for n in (5, 2, 9, 7)]
 SAMPLED = dict(temperature=0.9, top_k=40, top_p=0.9, seed=3)
-MULTI_RANK_STEPS = 24
+MULTI_RANK_STEPS = 64
 
 
 def recompute_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
