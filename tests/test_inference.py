@@ -177,6 +177,8 @@ def test_kv_cache_bytes():
     result = generator.generate(PROMPTS, max_new_tokens=4, max_length=32)
     # 2 (K and V) x layers x batch x KV heads x max length x head dim x 4 bytes
     assert result.kv_cache_bytes == 2 * 4 * len(PROMPTS) * 2 * 32 * 16 * 4
+    # By default the cache holds the longest prompt (9) + max_new_tokens positions.
+    assert generator.generate(PROMPTS, max_new_tokens=4).kv_cache_bytes == 2 * 4 * len(PROMPTS) * 2 * 13 * 16 * 4
     cache = KVCache.for_stage(generator.chunks[0], batch=3, max_length=10)
     assert cache.nbytes == 2 * 4 * 3 * 2 * 10 * 16 * 4
 

@@ -102,12 +102,14 @@ class Engine:
                  keep_logits: bool = False, on_tokens: Callable[[list[int], list[int]], None] | None = None
                  ) -> EngineOutput:
         """Generate up to `max_new_tokens` per prompt (stopping a request at `eos_id`), the prompts split
-        into `groups` groups that are in flight together. `request_ids` (default 0..n-1) seed sampling.
+        into `groups` groups that are in flight together. `max_length`: KV-cache positions per request
+        (None: the longest prompt + max_new_tokens; at most model.max_seq_len). `request_ids` (default 0..n-1) seed sampling.
         `on_tokens(request ids, tokens)` hears each step's new tokens (of requests still running)."""
-        max_length = max_length or self.cfg.max_seq_len
-        if max_length > self.cfg.max_seq_len:
+        if max_length is not None and max_length > self.cfg.max_seq_len:
             raise ValueError(f"max_length={max_length} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        check_requests(prompts, max_new_tokens, max_length, self.cfg.vocab_size)
+        check_requests(prompts, max_new_tokens, max_length or self.cfg.max_seq_len, self.cfg.vocab_size)
+        if max_length is None:  # the smallest cache these requests fit in (not a 128k one per sequence)
+            max_length = max(map(len, prompts)) + max_new_tokens
         if not isinstance(groups, int) or not 1 <= groups <= len(prompts):
             raise ValueError(f"groups={groups!r} must be between 1 and the number of prompts ({len(prompts)})")
         was_training = self.stage.training
