@@ -64,3 +64,32 @@ def test_bytes_per_step_equal_the_counters(model, layout, dtype):
         assert predicted == counted, f"stage {stage} dp {dp_rank}"
         memory = stage_memory(cfg, layout, stage, DTYPE_BYTES[dtype], BUCKET_MB)
         assert (memory.parameter_bytes, memory.gradient_bytes, memory.optimizer_bytes) == allocated
+
+
+def _decode_step(rank, world, layout: Layout, groups):
+    from megatron_lite.inference import Generator
+
+    fw = ParallelLayout.from_mesh(sizes_of(layout))
+    cfg = DECODE_MODEL
+    generator = Generator(cfg, fw, build_model_chunks(cfg, fw, seed=0))
+    counted = []
+    for new_tokens in (3, 4):
+        fw.stats.reset()
+        generator.generate(DECODE_PROMPTS, max_new_tokens=new_tokens, eos_id=None, groups=groups)
+        counted.append(dict(fw.stats.bytes))
+    one_step = {k: counted[1][k] - counted[0].get(k, 0) for k in counted[1] if counted[1][k] != counted[0].get(k, 0)}
+    return fw.pp.rank, one_step
+
+
+DECODE_MODEL = TINY_MODELS["llama"].with_(max_seq_len=32)
+DECODE_PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+
+
+@pytest.mark.parametrize("layout,groups", [(Layout(tp=2, pp=2), 2), (Layout(tp=4), 1), (Layout(pp=2, dp=2), 1)],
+                         ids=lambda v: v.describe() if isinstance(v, Layout) else f"groups{v}")
+def test_decode_step_bytes_equal_the_counters(layout, groups):
+    """One more output token (a decode step of every request group) moves what decode_traffic says."""
+    from megatron_lite.planner.inference_time import decode_traffic
+
+    for stage, one_step in run_on_ranks(_decode_step, layout.world_size, layout, groups):
+        assert decode_traffic(DECODE_MODEL, layout, len(DECODE_PROMPTS), 4, stage) == one_step

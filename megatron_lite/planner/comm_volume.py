@@ -78,11 +78,16 @@ class Traffic:
     def __init__(self, layout: Layout, stage: int):
         self.layout, self.stage = layout, stage
         self.bytes: dict[tuple[str, str], float] = defaultdict(float)
+        self.calls: dict[tuple[str, str], int] = defaultdict(int)
+        self.by_view: dict[tuple[str, str], list] = defaultdict(lambda: [0.0, 0])  # (view, op) -> [bytes, calls]
 
     def add(self, view: str, op: str, nbytes: float, times: int = 1) -> None:
         name = counter_name(self.layout, view)
         if name is not None and view_size(self.layout, view, self.stage) > 1 and times and nbytes:
             self.bytes[(name, op)] += nbytes * times
+            self.calls[(name, op)] += times
+            entry = self.by_view[(view, op)]
+            entry[0], entry[1] = entry[0] + nbytes * times, entry[1] + times
 
 
 def activation_bytes(cfg: ModelConfig, layout: Layout, seq_length: int, dtype_bytes: int) -> int:
@@ -95,6 +100,14 @@ def training_step_traffic(cfg: ModelConfig, layout: Layout, seq_length: int, glo
                           include_expected: bool = True) -> dict[tuple[str, str], float]:
     """Bytes per (group, op) that the rank at pipeline stage `stage`, data-parallel rank `dp_rank` moves
     in one optimizer step. include_expected=False leaves out the router-dependent EP all-to-all."""
+    return dict(step_traffic(cfg, layout, seq_length, global_batch, dtype_bytes, stage, dp_rank, bucket_size_mb,
+                             include_expected).bytes)
+
+
+def step_traffic(cfg: ModelConfig, layout: Layout, seq_length: int, global_batch: int, dtype_bytes: int,
+                 stage: int = 0, dp_rank: int = 0, bucket_size_mb: float = 25.0,
+                 include_expected: bool = True) -> Traffic:
+    """training_step_traffic with the call counts and each counter's layout group (for timing)."""
     m = microbatches(layout, global_batch)
     t = Traffic(layout, stage)
     act = activation_bytes(cfg, layout, seq_length, dtype_bytes)
@@ -139,7 +152,7 @@ def training_step_traffic(cfg: ModelConfig, layout: Layout, seq_length: int, glo
     t.add("dp", "all_reduce", FP32)  # its DP average
     for view in ("tp", "pp", "dp_cp" if layout.zero1 else "ep"):
         t.add(view, "all_reduce", 2 * FP64)  # global norm and overflow flag
-    return dict(t.bytes)
+    return t
 
 
 def microbatches(layout: Layout, global_batch: int) -> int:

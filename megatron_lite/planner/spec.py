@@ -151,6 +151,8 @@ class Layout:
         text = f"TP{self.tp} PP{self.pp} DP{self.dp}" + (f" EP{self.ep}" if self.ep > 1 else "")
         if self.virtual_stages > 1:
             text += f" v{self.virtual_stages}"
+        if self.micro_batch > 1:
+            text += f" mb{self.micro_batch}"
         flags = [f for f, on in (("SP", self.sequence_parallel), ("ZeRO-1", self.zero1)) if on]
         if self.recompute != "none":
             flags.append(f"recompute={self.recompute}")

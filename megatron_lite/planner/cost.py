@@ -1,0 +1,60 @@
+"""Time of collectives (an alpha-beta model per link) and of compute (FLOPs over a share of the peak).
+
+A ring over n ranks sends, per rank, 2(n-1)/n of the tensor in 2(n-1) steps for an all-reduce and
+(n-1)/n of it in n-1 steps for an all-gather or a reduce-scatter; every step pays the link's latency
+(alpha) once, every byte 1/bandwidth (beta). A point-to-point transfer is one step. An all-to-all
+sends what leaves the rank in n-1 steps. `with_latency=False` drops the alpha terms: the bandwidth-only
+figure most back-of-envelope tables quote.
+
+Which link a group uses follows from the rank order (TP innermost, then DP with EP inside it, then
+PP): a group whose ranks lie in one node uses the intra-node link, otherwise the inter-node one.
+"""
+
+from __future__ import annotations
+
+from megatron_lite.models.config import ModelConfig
+from megatron_lite.planner.spec import Cluster, Layout, Link
+from megatron_lite.training.metrics import _layer_forward_flops
+
+STEPS = {"all_reduce": lambda n: 2 * (n - 1), "all_gather": lambda n: n - 1, "reduce_scatter": lambda n: n - 1,
+         "all_to_all": lambda n: n - 1, "all_to_all_counts": lambda n: n - 1, "send": lambda n: 1,
+         "recv": lambda n: 0, "broadcast": lambda n: 1}
+WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+        "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: 1.0, "all_to_all_counts": lambda n: 1.0,
+        "send": lambda n: 1.0, "recv": lambda n: 0.0, "broadcast": lambda n: 1.0}
+
+
+def collective_time(op: str, nbytes: float, n: int, link: Link, with_latency: bool = True) -> float:
+    """Seconds one call of `op` on a tensor of `nbytes` (the counters' convention: the full tensor; for
+    an all-to-all the bytes sent) takes over n ranks on `link`."""
+    if n <= 1 or op not in STEPS:
+        return 0.0
+    alpha = STEPS[op](n) * link.latency if with_latency else 0.0
+    return alpha + WIRE[op](n) * nbytes / link.bandwidth
+
+
+def group_span(layout: Layout, view: str) -> tuple[int, int]:
+    """(size, highest global rank) of the group `view` that holds rank 0."""
+    tp, dp, ep, pp = layout.tp, layout.dp, layout.ep, layout.pp
+    spans = {"tp": (tp, tp - 1), "dp": (dp, tp * (dp - 1)), "dp_cp": (dp, tp * (dp - 1)), "ep": (ep, tp * (ep - 1)),
+             "edp": (dp // ep, tp * ep * (dp // ep - 1)), "edp_cp": (dp // ep, tp * ep * (dp // ep - 1)),
+             "pp": (pp, tp * dp * (pp - 1)), "embedding": (min(pp, 2), tp * dp * (pp - 1))}
+    if view.startswith("tp/"):
+        return int(view[3:]), int(view[3:]) - 1
+    return spans[view]
+
+
+def link_of(layout: Layout, cluster: Cluster, view: str) -> Link:
+    _, highest = group_span(layout, view)
+    return cluster.intra_node if highest < cluster.gpus_per_node else cluster.inter_node
+
+
+def layer_forward_flops(cfg: ModelConfig, layer: int, tokens: int, seq_length: int) -> tuple[float, float]:
+    """(dense matmuls, attention core) forward FLOPs of one layer over `tokens` tokens of sequences of
+    `seq_length` (training/metrics.py's convention: full s x s attention, MoE layers count the active experts)."""
+    dense, core = _layer_forward_flops(cfg, seq_length, layer)
+    return dense * tokens, core * tokens
+
+
+def compute_time(flops: float, cluster: Cluster, dtype: str) -> float:
+    return flops / (cluster.flops(dtype) * cluster.mfu_ceiling)

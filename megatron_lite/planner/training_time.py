@@ -1,0 +1,150 @@
+"""A training layout's memory per stage, communication per group, bubble, step time, tokens/s and MFU.
+
+Step time = the pipeline's makespan + the exposed data-parallel reduction + the optimizer update:
+- each micro batch's forward and backward on a stage cost their FLOPs over peak x mfu_ceiling plus
+  the stage's TP (and EP) collectives, which sit on the critical path (alpha-beta on the TP link);
+- the makespan is pipeline/simulate.py run on the plan the executor runs (build_schedule), with the
+  slowest stage's costs per action and one P2P transfer between stages: the bubble is the
+  simulator's, not a formula;
+- the DP bucket reductions start during the last micro batch's backward, so only what exceeds that
+  backward is exposed; ZeRO-1's all-gather of the updated parameters follows the update and is exposed;
+  partial-gradient sums and the norm follow too;
+- AdamW is memory bound: it reads and writes the parameters, gradients and optimizer state once.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from megatron_lite.layers.embedding import padded_vocab_size
+from megatron_lite.models.config import ModelConfig
+from megatron_lite.pipeline.schedules import build_schedule
+from megatron_lite.pipeline.simulate import simulate
+from megatron_lite.planner.activations import stage_activation_bytes
+from megatron_lite.planner.comm_volume import activation_bytes, microbatches, step_traffic, view_size
+from megatron_lite.planner.cost import collective_time, compute_time, layer_forward_flops, link_of
+from megatron_lite.planner.params import rank_chunks, stage_memory
+from megatron_lite.planner.spec import Cluster, Layout, Workload
+from megatron_lite.training.metrics import model_flops_per_token
+
+CRITICAL_PATH = ("tp", "ep")  # collectives inside forward/backward
+DATA_PARALLEL = ("dp", "dp_cp", "edp_cp")
+
+
+@dataclass
+class StageEstimate:
+    stage: int
+    layers: int
+    memory: dict  # bytes by term: parameters, gradients, optimizer, activations, kv_cache
+
+    @property
+    def total(self) -> float:
+        return sum(self.memory.values())
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    kind: str
+    stages: list[StageEstimate]
+    comm_bytes: dict  # group -> bytes per step (training) or per output token (inference), busiest rank
+    comm_time: dict  # group -> seconds of it
+    metrics: dict  # step_s, tokens_per_s, mfu, bubble (training); ttft_s, tpot_s, tokens_per_s (inference)
+    notes: list = field(default_factory=list)
+
+    @property
+    def memory_per_gpu(self) -> float:
+        return max(s.total for s in self.stages)
+
+    @property
+    def time_s(self) -> float:
+        """The objective: seconds per step (training) or per output token (inference)."""
+        return self.metrics["step_s"] if self.kind == "training" else self.metrics["tpot_s"]
+
+
+def _stage_flops(cfg: ModelConfig, layout: Layout, stage: int, seq_length: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs of one micro batch on one rank of the stage (recomputation included)."""
+    tokens = layout.micro_batch * seq_length
+    forward = backward = 0.0
+    for layers, _, last in rank_chunks(cfg, layout, stage):
+        for layer in layers:
+            dense, core = layer_forward_flops(cfg, layer, tokens, seq_length)
+            fwd = (dense + core) / layout.tp
+            forward += fwd
+            backward += 2 * fwd + {"none": 0.0, "full": fwd, "selective": core / layout.tp}[layout.recompute]
+        if last:
+            logits = 2 * cfg.hidden_size * padded_vocab_size(cfg.vocab_size, layout.tp, cfg.vocab_pad_multiple) \
+                * tokens / layout.tp
+            forward, backward = forward + logits, backward + 2 * logits
+    return forward, backward
+
+
+def view_times(traffic, layout: Layout, cluster: Cluster, stage: int = 0) -> dict[str, float]:
+    """Seconds per layout group (view) of a Traffic; each call pays its ring steps' latency."""
+    times: dict[str, float] = {}
+    for (view, op), (nbytes, calls) in traffic.by_view.items():
+        n = view_size(layout, view, stage)
+        times[view] = times.get(view, 0.0) + calls * collective_time(op, nbytes / calls, n,
+                                                                      link_of(layout, cluster, view))
+    return times
+
+
+@functools.lru_cache(maxsize=4096)
+def _makespan(schedule: str, p: int, m: int, v: int, forward: float, backward: float, comm: float):
+    result = simulate(build_schedule(schedule, p, m, v), forward, backward, comm)
+    return result.makespan, result.bubble_fraction
+
+
+def estimate_training(cfg: ModelConfig, cluster: Cluster, workload: Workload, layout: Layout,
+                      bucket_size_mb: float = 25.0) -> Estimate:
+    s, d = workload.seq_length, workload.dtype_bytes
+    m = microbatches(layout, workload.global_batch)
+    stages, per_stage = [], []
+    for stage in range(layout.pp):
+        mem = stage_memory(cfg, layout, stage, d, bucket_size_mb)
+        activations = stage_activation_bytes(cfg, layout, stage, s, d, m)
+        stages.append(StageEstimate(stage, len(mem.layers), {
+            "parameters": mem.parameter_bytes, "gradients": mem.gradient_bytes, "optimizer": mem.optimizer_bytes,
+            "activations": activations}))
+        traffic = step_traffic(cfg, layout, s, workload.global_batch, d, stage, 0, bucket_size_mb)
+        times = view_times(traffic, layout, cluster, stage)
+        fwd_flops, bwd_flops = _stage_flops(cfg, layout, stage, s)
+        inside = sum(t for g, t in times.items() if g in CRITICAL_PATH) / m  # per micro batch, both directions
+        forward = compute_time(fwd_flops, cluster, workload.dtype) + inside / 2
+        backward = compute_time(bwd_flops, cluster, workload.dtype) + inside / 2
+        per_stage.append((forward, backward, traffic, times, mem))
+    forward = max(f for f, *_ in per_stage)
+    backward = max(b for _, b, *_ in per_stage)
+    p2p = collective_time("send", activation_bytes(cfg, layout, s, d) // (
+        layout.tp if layout.sequence_parallel and layout.tp > 1 else 1), 2, link_of(layout, cluster, "pp"))
+    v = layout.virtual_stages
+    if layout.pp > 1 or v > 1:
+        makespan, bubble = _makespan(layout.schedule, layout.pp, m, v, forward / v, backward / v,
+                                     p2p if layout.pp > 1 else 0.0)
+    else:
+        makespan, bubble = m * (forward + backward), 0.0
+    # Per stage: what follows the last backward (DP reductions beyond it, ZeRO-1's gather, the partial
+    # sums over the embedding and TP-block groups) and the optimizer update; the slowest stage counts.
+    after = []
+    for _, backward_s, traffic, times, mem in per_stage:
+        def seconds(views, ops):
+            return sum(collective_time(op, b / calls, view_size(layout, view, mem.stage), link_of(layout, cluster, view))
+                       * calls for (view, op), (b, calls) in traffic.by_view.items() if view in views and op in ops)
+        reduce = seconds(DATA_PARALLEL, ("all_reduce", "reduce_scatter"))
+        exposed = max(reduce - backward_s, 0.0) + seconds(DATA_PARALLEL, ("all_gather",))
+        exposed += sum(t for view, t in times.items() if view not in CRITICAL_PATH + DATA_PARALLEL + ("pp",))
+        update = 2 * (mem.parameter_bytes + mem.gradient_bytes + mem.optimizer_bytes) / cluster.memory_bandwidth
+        after.append(exposed + update)
+    step = makespan + max(after)
+    tokens = workload.global_batch * s
+    flops = model_flops_per_token(cfg, s, tp_size=layout.tp) * tokens
+    busiest = max(range(layout.pp), key=lambda i: sum(per_stage[i][2].bytes.values()))
+    traffic, times = per_stage[busiest][2], per_stage[busiest][3]
+    comm_bytes: dict[str, float] = {}
+    for (name, _), b in traffic.bytes.items():
+        comm_bytes[name] = comm_bytes.get(name, 0.0) + b
+    metrics = {"step_s": step, "tokens_per_s": tokens / step, "bubble": bubble, "microbatches": m,
+               "mfu": flops / step / (layout.world_size * cluster.flops(workload.dtype)),
+               "forward_s": forward, "backward_s": backward, "makespan_s": makespan}
+    return Estimate(layout, "training", stages, comm_bytes, dict(times), metrics)
