@@ -1,26 +1,30 @@
-"""Activation bytes a pipeline rank keeps for backward: per micro batch and layer, times the micro
-batches the schedule keeps in flight (pipeline/simulate.py's peak_in_flight on the plan the executor
-runs), plus the last stage's logits.
+"""Activation bytes a pipeline rank keeps for backward: per micro batch, times the micro batches the
+schedule keeps in flight (pipeline/simulate.py's peak_in_flight on the plan the executor runs).
 
-Per layer and micro batch of T = b*s tokens, dtype d, TP t, the tensors autograd saves in this
-framework's layers (models/transformer.py): the two norm inputs (T*h, split over t under SP), the two
-norm outputs that enter the column-parallel blocks (T*h; under SP the gathered full sequence, which
-the column layers keep), q, k and v after RoPE and the attention output (T*(2h + 2*kv)/t, SDPA's
-fused kernel keeps no s x s matrix), and in the feed-forward the up/gate outputs, the activation and
-its product (SwiGLU: 4*T*f/t; GeLU: 2*T*f/t). With dropout the attention is not fused: the
-probabilities and their dropout mask add heads/t * b * s^2 * (d + 1) bytes. Selective recomputation
-drops the attention core's own saved tensors (the s x s terms and SDPA's output); full recomputation
-keeps only each layer's input (T*h*d, /t under SP) plus one layer's full set while it is recomputed.
-The last stage keeps its logits [T, V/t] in d and the cross-entropy's fp32 softmax of them.
-Norm statistics, masks of MoE routing and the router's fp32 logits are small and left out; an MoE
-layer keeps the k routed copies of its tokens and their experts' hidden states (T*k*(h + 4f)*d with
-SwiGLU, balanced routing: each EP rank computes about T*k rows). An estimate: not yet checked
-against saved tensors (that is the next step, see README).
+Per layer and micro batch of T = b*s tokens, dtype d, TP t (u = t under SP, else 1), what autograd saves
+in this framework's layers (models/transformer.py, counted tensor by tensor on CPU in
+tests/test_planner_activations.py):
+  each norm       its input T*h/u, its statistics (fp32), with RMSNorm (composite) the normalised
+                  input T*h/u, and its output entering the column-parallel block, T*h (under SP the
+                  gathered sequence, which the column layers keep);
+  attention       q and the output T*h/t, k and v T*kv/t (kv: the KV width, one head per rank when TP
+                  exceeds the KV heads), SDPA's fp32 log-sum-exp, RoPE's cos/sin; with dropout the
+                  attention is not fused: k and v repeated to every query head, and the s x s
+                  probabilities, their dropout mask and the dropped probabilities (3 x heads/t x b x s^2 x d)
+                  plus the causal mask (s^2 bytes);
+  feed-forward    SwiGLU: up, gate, silu(gate) and their product, 4*T*f/t; GeLU: 2*T*f/t;
+  dropout         one mask of T*h/u per residual branch (in the model dtype).
+Selective recomputation drops the attention core's own (log-sum-exp, s x s terms); full recomputation
+keeps each layer's input (T*h/u) plus, while one layer is recomputed, that layer's full set. The last
+stage keeps its head (a norm) and the cross-entropy's fp32 (log-)softmax over its vocabulary slice; the
+first its token ids. MoE layers (an estimate, not counted against saved tensors yet): the k routed
+copies of the tokens and the experts' hidden states, T*k*(h + 4f)*d with SwiGLU.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from megatron_lite.layers.embedding import padded_vocab_size
 from megatron_lite.models.config import ModelConfig
@@ -38,57 +42,88 @@ def schedule_peaks(schedule: str, p: int, m: int, v: int) -> tuple[int, ...]:
     return peak_in_flight(build_schedule(schedule, p, m, v))
 
 
+def _norm(cfg: ModelConfig, tokens: int, d: int, u: int) -> float:
+    """One norm whose output enters a column-parallel block."""
+    h = cfg.hidden_size
+    rms = cfg.norm == "rmsnorm"
+    return tokens * h * d / u * (1 + rms) + tokens * FP32 / u * (1 if rms else 2) + tokens * h * d
+
+
+def attention_core_bytes(cfg: ModelConfig, layout: Layout, seq_length: int, d: int) -> float:
+    """What the attention core itself saves (dropped by selective recomputation)."""
+    b, t = layout.micro_batch, layout.tp
+    heads = cfg.num_heads // t
+    if cfg.dropout > 0:
+        return 3 * heads * b * seq_length ** 2 * d + seq_length ** 2
+    return heads * b * seq_length * FP32  # SDPA's log-sum-exp
+
+
 def layer_activation_bytes(cfg: ModelConfig, layout: Layout, layer: int, seq_length: int, d: int) -> float:
     """Bytes one layer keeps for backward per micro batch (no recomputation)."""
     b, s, t, h = layout.micro_batch, seq_length, layout.tp, cfg.hidden_size
     tokens = b * s
-    sp = t if layout.sequence_parallel and t > 1 else 1
-    kv = cfg.kv_heads * cfg.head_dim
-    kv_local = kv // min(cfg.kv_heads, t)
-    residual = 2 * tokens * h * d / sp  # norm inputs
-    entering = 2 * tokens * h * d  # norm outputs entering the column blocks (gathered under SP)
-    attention = tokens * (2 * h / t + 2 * kv_local) * d  # q, out; k, v
+    u = t if layout.sequence_parallel and t > 1 else 1
+    kv_local = cfg.kv_heads * cfg.head_dim // min(cfg.kv_heads, t)
+    if cfg.dropout > 0:  # k and v repeated to every local query head
+        kv_local = h // t
+    total = 2 * _norm(cfg, tokens, d, u) + tokens * (2 * h / t + 2 * kv_local) * d
+    total += attention_core_bytes(cfg, layout, s, d)
+    if cfg.position == "rope":
+        total += 4 * s * cfg.head_dim * d  # cos and sin, for q and for k
     if cfg.dropout > 0:
-        attention += (cfg.num_heads // t) * b * s * s * (d + 1)
+        total += 2 * tokens * h * d / u  # the residual branches' masks
+    mats = 4 if cfg.activation == "swiglu" else 2
     if cfg.is_moe_layer(layer):
         moe = cfg.moe
-        routed = tokens / sp * moe.top_k
-        mats = 4 if cfg.activation == "swiglu" else 2
-        ffn = routed * h * d + routed * cfg.expert_ffn_size * mats * d
+        routed = tokens / u * moe.top_k
+        total += routed * h * d + routed * cfg.expert_ffn_size * mats * d
         if moe.num_shared_experts:
-            ffn += tokens * moe.num_shared_experts * cfg.expert_ffn_size * mats * d / t
+            total += tokens * moe.num_shared_experts * cfg.expert_ffn_size * mats * d / t
     else:
-        mats = 4 if cfg.activation == "swiglu" else 2
-        ffn = tokens * cfg.ffn_size * mats * d / t
-    return residual + entering + attention + ffn
+        total += tokens * cfg.ffn_size * mats * d / t
+    return total
 
 
-def stage_activation_bytes(cfg: ModelConfig, layout: Layout, stage: int, seq_length: int, d: int,
-                           num_microbatches: int) -> float:
-    """Peak activation bytes of pipeline rank `stage`: in-flight micro batches x their chunk's layers."""
-    chunks = rank_chunks(cfg, layout, stage)
+@dataclass(frozen=True)
+class StageActivations:
+    per_microbatch: float  # kept per micro batch in flight (layers of the largest chunk, head, token ids)
+    in_flight: int  # the schedule's peak (micro batch, chunk) pairs on this rank
+    transient: float  # one layer's full set while it is recomputed (full recomputation)
+
+    @property
+    def total(self) -> float:
+        return self.in_flight * self.per_microbatch + self.transient
+
+
+def stage_activations(cfg: ModelConfig, layout: Layout, stage: int, seq_length: int, d: int,
+                      num_microbatches: int) -> StageActivations:
+    """Pipeline rank `stage`'s activations: what one micro batch keeps and the schedule's peak in flight."""
     if layout.pp > 1 or layout.virtual_stages > 1:
         in_flight = schedule_peaks(layout.schedule, layout.pp, num_microbatches, layout.virtual_stages)[stage]
     else:
         in_flight = 1  # one micro batch at a time: its backward runs before the next forward
-    sp = layout.tp if layout.sequence_parallel and layout.tp > 1 else 1
+    u = layout.tp if layout.sequence_parallel and layout.tp > 1 else 1
     tokens = layout.micro_batch * seq_length
-    per_chunk = []
-    for layers, first, last in chunks:
+    kept, transient = [], 0.0
+    for layers, first, last in rank_chunks(cfg, layout, stage):
         full = [layer_activation_bytes(cfg, layout, layer, seq_length, d) for layer in layers]
         if layout.recompute == "full":
-            kept = len(layers) * tokens * cfg.hidden_size * d / sp
-            per_chunk.append((kept, max(full, default=0.0)))
+            chunk = len(layers) * tokens * cfg.hidden_size * d / u
+            transient = max([transient] + full)
         elif layout.recompute == "selective":
-            core = (cfg.num_heads // layout.tp) * layout.micro_batch * seq_length ** 2 * (d + 1) \
-                if cfg.dropout > 0 else 0.0
-            per_chunk.append((sum(full) - len(layers) * (core + tokens * cfg.hidden_size / layout.tp * d), 0.0))
+            chunk = sum(full) - len(layers) * attention_core_bytes(cfg, layout, seq_length, d)
         else:
-            per_chunk.append((sum(full), 0.0))
-    per_micro = max(kept for kept, _ in per_chunk) if chunks else 0.0
-    transient = max(extra for _, extra in per_chunk) if chunks else 0.0
-    logits = 0.0
-    if any(last for _, _, last in chunks):
-        vocab = padded_vocab_size(cfg.vocab_size, layout.tp, cfg.vocab_pad_multiple) // layout.tp
-        logits = tokens * vocab * (d + FP32)
-    return in_flight * per_micro + transient + logits
+            chunk = sum(full)
+        if first:
+            chunk += tokens * 8 + (tokens * cfg.hidden_size * d / u if cfg.dropout > 0 else 0)  # ids, dropout mask
+        if last:
+            vocab = padded_vocab_size(cfg.vocab_size, layout.tp, cfg.vocab_pad_multiple) // layout.tp
+            chunk += _norm(cfg, tokens, d, u) + tokens * vocab * FP32
+        kept.append(chunk)
+    return StageActivations(max(kept, default=0.0), in_flight, transient)
+
+
+def stage_activation_bytes(cfg: ModelConfig, layout: Layout, stage: int, seq_length: int, d: int,
+                           num_microbatches: int) -> float:
+    """Peak activation bytes of pipeline rank `stage`."""
+    return stage_activations(cfg, layout, stage, seq_length, d, num_microbatches).total

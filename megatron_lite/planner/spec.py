@@ -13,11 +13,11 @@ from pathlib import Path
 import yaml
 
 from megatron_lite.models.config import RECOMPUTE, ModelConfig
-from megatron_lite.pipeline.schedules import SCHEDULE_NAMES
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GB, GIB = 1e9, 2**30
+PLANNED_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,8 @@ class Layout:
                 raise ValueError(f"layout.{key}={value!r} must be a positive integer")
         if self.dp % self.ep:
             raise ValueError(f"layout.ep={self.ep} must divide layout.dp={self.dp} (experts are split over DP ranks)")
-        if self.schedule not in SCHEDULE_NAMES:
-            raise ValueError(f"layout.schedule={self.schedule!r} is not one of {SCHEDULE_NAMES}")
+        if self.schedule not in PLANNED_SCHEDULES:  # their chunk c of rank r is virtual stage c * pp + r
+            raise ValueError(f"layout.schedule={self.schedule!r} is not one of {PLANNED_SCHEDULES}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"layout.recompute={self.recompute!r} is not one of {RECOMPUTE}")
 
