@@ -1,5 +1,6 @@
 """Generation speed: time to first token, time per output token and tokens/s per layout, the
-pipelined decode (request groups rotating through the stages) against one group walking them, and
+pipelined decode (request groups rotating through the stages) against one group walking them, TP2 with
+its all-reduces overlapped with the other half batch's compute against TP2 without, and
 KV-cache decode against the old recompute path (megatron_lite/training/generate.py).
 
     .venv/bin/python benchmarks/generate.py                     # the default tables (CPU, gloo)
@@ -40,11 +41,11 @@ def prompts_for(args) -> list[list[int]]:
     return [torch.randint(0, args.vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def layout_worker(rank, world, tp, pp, groups, args):
+def layout_worker(rank, world, tp, pp, groups, overlap, args):
     torch.set_num_threads(1)
     cfg = model_config(args)
     layout = ParallelLayout.from_mesh(ParallelSizes(tp=tp, pp=pp)) if world > 1 else ParallelLayout.serial()
-    generator = Generator(cfg, layout, build_model_chunks(cfg, layout, seed=0))
+    generator = Generator(cfg, layout, build_model_chunks(cfg, layout, seed=0), tp_overlap=overlap)
     prompts = prompts_for(args)
     generator.generate(prompts, max_new_tokens=4, eos_id=None, groups=groups)  # warm-up
     best = None
@@ -56,11 +57,11 @@ def layout_worker(rank, world, tp, pp, groups, args):
             "tokens_per_s": best.tokens_per_s, "kv_mib": best.kv_cache_bytes / 2**20}
 
 
-def run_layout(name, tp, pp, groups, args):
+def run_layout(name, tp, pp, groups, overlap, args):
     world = tp * pp
     if world == 1:
-        return layout_worker(0, 1, tp, pp, groups, args)
-    return run_on_ranks(layout_worker, world, tp, pp, groups, args, timeout_s=900)[0]
+        return layout_worker(0, 1, tp, pp, groups, overlap, args)
+    return run_on_ranks(layout_worker, world, tp, pp, groups, overlap, args, timeout_s=900)[0]
 
 
 def cache_vs_recompute(args) -> dict:
@@ -83,11 +84,12 @@ def cache_vs_recompute(args) -> dict:
             "speedup": recompute / cached}
 
 
-LAYOUTS = {  # name: (tp, pp, groups)
-    "serial": (1, 1, 1),
-    "tp2": (2, 1, 1),
-    "pp2 m=1 (walk)": (1, 2, 1),
-    "pp2 m=2 (rotate)": (1, 2, 2),
+LAYOUTS = {  # name: (tp, pp, groups, TP all-reduces overlapped with the other half batch's compute)
+    "serial": (1, 1, 1, False),
+    "tp2": (2, 1, 1, False),
+    "tp2 overlap": (2, 1, 1, True),
+    "pp2 m=1 (walk)": (1, 2, 1, False),
+    "pp2 m=2 (rotate)": (1, 2, 2, False),
 }
 
 
@@ -128,6 +130,9 @@ def main():
     if "pp2 m=1 (walk)" in by_name and "pp2 m=2 (rotate)" in by_name:
         out["pipelined_ratio"] = by_name["pp2 m=2 (rotate)"]["tokens_per_s"] / by_name["pp2 m=1 (walk)"]["tokens_per_s"]
         print(f"pipelined decode, PP2, batch {args.batch}: m=2 / m=1 tokens/s = {out['pipelined_ratio']:.2f}x")
+    if "tp2" in by_name and "tp2 overlap" in by_name:
+        out["overlap_ratio"] = by_name["tp2 overlap"]["tokens_per_s"] / by_name["tp2"]["tokens_per_s"]
+        print(f"TP2 with communication overlapped / without: tokens/s = {out['overlap_ratio']:.2f}x")
     out["cache_vs_recompute"] = c = cache_vs_recompute(args)
     print(f"{c['tokens']} tokens after a {c['prompt']}-token prompt, serial: KV cache {c['cache_s']:.2f} s, old "
           f"recompute path {c['recompute_s']:.2f} s: {c['speedup']:.1f}x")

@@ -92,9 +92,9 @@ def test_stop_at_eos_per_sequence(serial):
     assert len(result.tokens[0]) == 4
 
 
-def layout_worker(rank, world, tp, pp, dp, groups, cfg):
+def layout_worker(rank, world, tp, pp, dp, groups, cfg, tp_overlap=False):
     layout = ParallelLayout.from_mesh(ParallelSizes(tp=tp, pp=pp, dp=dp))
-    generator = Generator(cfg, layout, build_model_chunks(cfg, layout, seed=0))
+    generator = Generator(cfg, layout, build_model_chunks(cfg, layout, seed=0), tp_overlap=tp_overlap)
     greedy = generator.generate(PROMPTS, max_new_tokens=MULTI_RANK_STEPS, eos_id=None, groups=groups,
                                 keep_logits=True)
     comm_bytes = dict(layout.stats.bytes)
@@ -103,8 +103,9 @@ def layout_worker(rank, world, tp, pp, dp, groups, cfg):
             "tp": layout.tp.rank, "dp": layout.dp.rank}
 
 
-CASES = {  # name: (tp, pp, dp, groups)
+CASES = {  # name: (tp, pp, dp, groups[, TP all-reduces overlapped with another micro-batch's compute])
     "tp2": (2, 1, 1, 1),
+    "tp2xpp2_overlap": (2, 2, 1, 1, True),
     "pp2_rotating_2_groups": (1, 2, 1, 2),
     "tp2xpp2_walk": (2, 2, 1, 1),
     "tp2xpp2_rotating_2_groups": (2, 2, 1, 2),
@@ -116,9 +117,9 @@ CASES = {  # name: (tp, pp, dp, groups)
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_layouts_match_serial(serial, case):
-    tp, pp, dp, groups = CASES[case]
+    tp, pp, dp, groups, *overlap = CASES[case]
     model, greedy, sampled = serial["llama"]
-    results = run_on_ranks(layout_worker, tp * pp * dp, tp, pp, dp, groups, LLAMA, timeout_s=120)
+    results = run_on_ranks(layout_worker, tp * pp * dp, tp, pp, dp, groups, LLAMA, *overlap, timeout_s=120)
     for res in results:  # every rank returns every request's tokens
         assert res["greedy"].tokens == [t[:MULTI_RANK_STEPS] for t in greedy.tokens]
         assert res["sampled"] == sampled.tokens

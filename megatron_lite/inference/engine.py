@@ -24,6 +24,7 @@ import torch
 
 from megatron_lite.inference.kv_cache import KVCache
 from megatron_lite.inference.sampling import SamplingParams, request_generators, sample
+from megatron_lite.models.overlap import overlapped_forward
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
 
@@ -84,11 +85,14 @@ def check_requests(prompts: list[list[int]], max_new_tokens: int, max_length: in
 class Engine:
     """Generation over this rank's model chunk (one per pipeline rank) and its layout."""
 
-    def __init__(self, chunks, layout: ParallelLayout):
+    def __init__(self, chunks, layout: ParallelLayout, tp_overlap: bool = False):
+        """tp_overlap: under TP, cut each forward's batch in two micro-batches whose TP all-reduces run
+        while the other computes (models/overlap.py); same results."""
         if len(chunks) != 1:
             raise ValueError(f"generation runs one model chunk per pipeline rank, got {len(chunks)} "
                              "(parallel.virtual_stages must be 1)")
         self.stage, self.layout = chunks[0], layout
+        self.tp_overlap = tp_overlap and layout.tp.size > 1
         self.cfg = self.stage.cfg
         # MoE layers under EP exchange tokens with the other replicas of the EP group at every forward: those
         # replicas run every step, all of them, even for requests that have ended (no early stop).
@@ -194,17 +198,21 @@ class Engine:
         """This stage's forward of unit (k, g): hidden states out, or [b, vocab slice] logits on the last stage."""
         k, g = unit
         group = groups[g]
+        b = len(group.ids)
         if k == 0:
             width = int(group.lengths.max())
-            positions = torch.arange(width, device=device).expand(len(group.ids), width)
-            step = group.cache.step(positions, (group.lengths - 1).to(device))
+            positions, logit_rows = torch.arange(width, device=device).expand(b, width), (group.lengths - 1).to(device)
             if self.stage.embedding is not None:
                 received = torch.tensor([q + [0] * (width - len(q)) for q in group.prompts], device=device)
         else:
-            step = group.cache.step((group.lengths + k - 1).to(device)[:, None])
+            positions, logit_rows = (group.lengths + k - 1).to(device)[:, None], None
             if self.stage.embedding is not None:
                 received = torch.tensor(group.last_tokens, device=device)[:, None]
-        return self.stage(received, cache=step)
+        if not self.tp_overlap or b < 2:
+            return self.stage(received, cache=group.cache.step(positions, logit_rows))
+        parts = [group.cache.rows(lo, hi).step(positions[lo:hi], None if logit_rows is None else logit_rows[lo:hi])
+                 for lo, hi in ((0, b // 2), (b // 2, b))]
+        return overlapped_forward(self.stage, received, parts)
 
     def _sample(self, group: Group, params: SamplingParams, local_logits: torch.Tensor, keep: bool) -> torch.Tensor:
         logits = comm.all_gather(local_logits[:, -1].float().contiguous(), self.layout.tp, dim=-1)

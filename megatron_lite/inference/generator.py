@@ -35,9 +35,11 @@ class GenerationResult:
 class Generator:
     """cfg: a RunConfig (scripts' config: model, layout, dtype, checkpoint, tokenizer) or a bare
     ModelConfig. layout: this rank's; default the single process. chunks: this rank's model stage,
-    already loaded (skips building and loading)."""
+    already loaded (skips building and loading). tp_overlap: hide TP all-reduces behind the compute of
+    another micro-batch (see Engine)."""
 
-    def __init__(self, cfg, layout: ParallelLayout | None = None, chunks=None, seed: int | None = None):
+    def __init__(self, cfg, layout: ParallelLayout | None = None, chunks=None, seed: int | None = None,
+                 tp_overlap: bool = False):
         self.layout = layout or ParallelLayout.serial()
         run = None if isinstance(cfg, ModelConfig) else cfg
         self.model_cfg = cfg if run is None else run.model_config()
@@ -50,7 +52,7 @@ class Generator:
         if chunks is None:
             chunks = self._build(run, seed)
         self.chunks = chunks
-        self.engine = Engine(chunks, self.layout)
+        self.engine = Engine(chunks, self.layout, tp_overlap=tp_overlap)
 
     def _build(self, run, seed: int | None):
         if run is None:

@@ -38,6 +38,14 @@ class KVCache:
         return cls([layer.layer_id for layer in layers], batch, max_length, kv_heads, stage.cfg.head_dim,
                    stage.dtype, device)
 
+    def rows(self, lo: int, hi: int) -> "KVCache":
+        """The caches of sequences lo..hi-1: views of the same memory (a micro-batch of the group)."""
+        view = KVCache.__new__(KVCache)
+        view.batch, view.max_length = hi - lo, self.max_length
+        view.keys = {i: t[lo:hi] for i, t in self.keys.items()}
+        view.values = {i: t[lo:hi] for i, t in self.values.items()}
+        return view
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())

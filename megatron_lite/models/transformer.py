@@ -150,12 +150,7 @@ class Attention(torch.nn.Module):
         q, k, v = (rearrange(y, "b s (h d) -> b h s d", d=self.head_dim) for y in column_parallel_linears(
             x, [p.weight for p in projections], [p.bias for p in projections], self.ctx.tp, self.ctx.sequence_parallel))
         if cache is not None:
-            if self.rope is not None:
-                cos_sin = cache.rotation(self.rope, q.dtype)
-                q, k = self.rope(q, cos_sin=cos_sin), self.rope(k, cos_sin=cos_sin)
-            k, v, mask = cache.store(k, v)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads > self.kv_heads)
-            return self.o_proj(rearrange(out, "b h s d -> b s (h d)"))
+            return self.o_proj(self._cached_heads(q, k, v, cache))
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
         if self.ctx.options.recompute == "selective":
@@ -163,6 +158,21 @@ class Attention(torch.nn.Module):
         else:
             out = self.core(q, k, v)
         return self.o_proj(rearrange(out, "b h s d -> b s (h d)"))
+
+    def cached_heads(self, x, cache):
+        """Inference: this rank's attention heads [b, s, local heads * d] over the KV cache, before o_proj."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (rearrange(y, "b s (h d) -> b h s d", d=self.head_dim) for y in column_parallel_linears(
+            x, [p.weight for p in projections], [p.bias for p in projections], self.ctx.tp, False))
+        return self._cached_heads(q, k, v, cache)
+
+    def _cached_heads(self, q, k, v, cache):
+        if self.rope is not None:
+            cos_sin = cache.rotation(self.rope, q.dtype)
+            q, k = self.rope(q, cos_sin=cos_sin), self.rope(k, cos_sin=cos_sin)
+        k, v, mask = cache.store(k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads > self.kv_heads)
+        return rearrange(out, "b h s d -> b s (h d)")
 
     def core(self, q, k, v):
         """softmax(q k^T / sqrt(d)) v with causal mask: the part selective recomputation recomputes."""
@@ -192,11 +202,14 @@ class MLP(torch.nn.Module):
         self.down_proj = RowParallelLinear(f, h, tp, bias=cfg.bias, std=layer_std, sequence_parallel=ctx.sequence_parallel)
 
     def forward(self, x):
+        return self.down_proj(self.hidden(x))
+
+    def hidden(self, x):
+        """The activation before down_proj: this rank's slice of the ffn features."""
         projections = [self.up_proj] + ([self.gate_proj] if self.gate_proj is not None else [])
         up, *gate = column_parallel_linears(x, [p.weight for p in projections], [p.bias for p in projections],
                                             self.ctx.tp, self.ctx.sequence_parallel)
-        hidden = F.silu(gate[0]) * up if gate else F.gelu(up, approximate="tanh")
-        return self.down_proj(hidden)
+        return F.silu(gate[0]) * up if gate else F.gelu(up, approximate="tanh")
 
 
 def feed_forward(ctx: StageContext, layer: int, layer_std: float) -> torch.nn.Module:
