@@ -105,9 +105,8 @@ def layout_worker(rank, world, tp, pp, dp, groups, cfg, tp_overlap=False):
 
 CASES = {  # name: (tp, pp, dp, groups[, TP all-reduces overlapped with another micro-batch's compute])
     "tp2": (2, 1, 1, 1),
-    "tp2xpp2_overlap": (2, 2, 1, 1, True),
+    "tp2xpp2_walk_overlap": (2, 2, 1, 1, True),
     "pp2_rotating_2_groups": (1, 2, 1, 2),
-    "tp2xpp2_walk": (2, 2, 1, 1),
     "tp2xpp2_rotating_2_groups": (2, 2, 1, 2),
     "pp4_rotating_4_groups": (1, 4, 1, 4),
     "tp4_replicated_kv": (4, 1, 1, 1),
