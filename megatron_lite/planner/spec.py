@@ -40,6 +40,8 @@ class Cluster:
 
     peak_flops: per dtype, FLOP/s of one device for dense matmuls; mfu_ceiling: the share of that peak
     a large matmul reaches (what the planner's compute times divide by: peak * mfu_ceiling).
+    layer_overhead: fixed seconds per layer and micro batch in forward (twice that in backward) that
+    do not scale with FLOPs: kernel launches, Python and autograd bookkeeping (fitted on the CPU).
     memory_bandwidth: bytes/s one device reads from its memory (decode reads every weight per token).
     """
 
@@ -52,6 +54,7 @@ class Cluster:
     intra_node: Link
     inter_node: Link
     mfu_ceiling: float = 0.7
+    layer_overhead: float = 0.0  # seconds per layer forward and micro batch besides its FLOPs (x2 backward)
     description: str = ""
 
     def __post_init__(self):
@@ -61,6 +64,8 @@ class Cluster:
         for key in ("memory_bytes", "memory_bandwidth"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"cluster.{key}={getattr(self, key)!r} must be > 0")
+        if not self.layer_overhead >= 0:
+            raise ValueError(f"cluster.layer_overhead_us must be >= 0, got {self.layer_overhead * 1e6}")
         if not 0 < self.mfu_ceiling <= 1:
             raise ValueError(f"cluster.mfu_ceiling={self.mfu_ceiling} must be in (0, 1]")
         if not self.peak_flops or any(not v > 0 for v in self.peak_flops.values()):
@@ -184,6 +189,7 @@ def cluster_from_dict(values: dict) -> Cluster:
                    peak_flops={k: float(v) * 1e12 for k, v in values["peak_tflops"].items()},
                    memory_bandwidth=float(values["memory_bandwidth_gbs"]) * GB,
                    mfu_ceiling=float(values.get("mfu_ceiling", 0.7)), description=values.get("description", ""),
+                   layer_overhead=float(values.get("layer_overhead_us", 0.0)) * 1e-6,
                    **links)
 
 

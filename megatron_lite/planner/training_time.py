@@ -111,8 +111,10 @@ def estimate_training(cfg: ModelConfig, cluster: Cluster, workload: Workload, la
         times = view_times(traffic, layout, cluster, stage)
         fwd_flops, bwd_flops = _stage_flops(cfg, layout, stage, s)
         inside = sum(t for g, t in times.items() if g in CRITICAL_PATH) / m  # per micro batch, both directions
-        forward = compute_time(fwd_flops, cluster, workload.dtype) + inside / 2
-        backward = compute_time(bwd_flops, cluster, workload.dtype) + inside / 2
+        overhead = cluster.layer_overhead * (len(mem.layers) + 1)  # the embedding or head as one more
+        redo = {"none": 0.0, "full": 1.0, "selective": 0.0}[layout.recompute]
+        forward = compute_time(fwd_flops, cluster, workload.dtype) + inside / 2 + overhead
+        backward = compute_time(bwd_flops, cluster, workload.dtype) + inside / 2 + (2 + redo) * overhead
         per_stage.append((forward, backward, traffic, times, mem))
     forward = max(f for f, *_ in per_stage)
     backward = max(b for _, b, *_ in per_stage)
