@@ -1,7 +1,8 @@
 """What the benchmarks share: building systems on real ranks, timing their steps, reporting the results.
 
 A system is built by a module-level function `build(rank, world, *args) -> {"step": fn() -> loss,
-"params": int, optionally "timer": StepTimer, "close": fn()}`. `run_group` starts one set of processes
+"params": int, optionally "timer": StepTimer, "close": fn(), "check": any picklable value (e.g. an
+equivalence check made at build time), returned per rank as the run's "checks"}`. `run_group` starts one set of processes
 for one or more systems; with several (a paired run) their timed steps alternate A B B A ..., so that
 both see the same machine load, which on a shared machine drifts by more than the differences measured.
 """
@@ -47,7 +48,7 @@ def run_systems(rank: int, world: int, systems: list[SystemSpec], warmup: int, s
         built[name] = build(rank, world, *args)
         results[name] = {"times": [], "cpu_times": [], "step_call_times": [], "loss": float("nan"),
                          "threads": torch.get_num_threads(), "params": built[name]["params"],
-                         "setup_s": time.perf_counter() - start}
+                         "setup_s": time.perf_counter() - start, "check": built[name].get("check")}
     for name, b in built.items():
         start = time.perf_counter()
         for _ in range(warmup):
@@ -94,6 +95,7 @@ def run_group(systems: list[SystemSpec], world: int, warmup: int, steps: int, th
             "loss": ranks[-1]["loss"],  # the last rank: the pipeline's last stage computes it
             "setup_s": max(r["setup_s"] for r in ranks), "warmup_s": max(r["warmup_s"] for r in ranks),
             "wall_s": wall, "paired_with": [other for other, _, _ in systems if other != name],
+            "checks": [r["check"] for r in ranks],
         }
     return out
 

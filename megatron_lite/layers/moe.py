@@ -56,29 +56,32 @@ def expert_spec(full_shape, ep: CommGroup, partial_over_tp: bool, std: float) ->
 
 
 class _GroupedMM(torch.autograd.Function):
-    """torch._grouped_mm with its backward written out: the built-in one fails on the stride-0 gradient
-    that a broadcast (e.g. of a sum) hands it."""
+    """x times weight[e]^T per group of rows, torch._grouped_mm with its backward written out: the built-in
+    one fails on the stride-0 gradient that a broadcast (e.g. of a sum) hands it. The weight gradient is
+    computed in the weight's own [E, out, in] layout, so that it needs no transposing copy."""
 
     @staticmethod
-    def forward(ctx, x, weight_t, offsets):
-        ctx.save_for_backward(x, weight_t, offsets)
-        return torch._grouped_mm(x, weight_t, offs=offsets)
+    def forward(ctx, x, weight, offsets):
+        ctx.save_for_backward(x, weight, offsets)
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight_t, offsets = ctx.saved_tensors
+        x, weight, offsets = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = torch._grouped_mm(grad, weight_t.transpose(1, 2), offs=offsets)
-        grad_weight_t = torch._grouped_mm(x.t(), grad, offs=offsets)
-        return grad_x, grad_weight_t, None
+        grad_x = torch._grouped_mm(grad, weight, offs=offsets)
+        grad_weight = torch._grouped_mm(grad.t(), x, offs=offsets)
+        return grad_x, grad_weight, None
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], grouped_mm: bool) -> torch.Tensor:
     """Rows of `x` in consecutive groups (counts[e] rows for expert e) times weight[e]^T ([E, out, in])."""
     if grouped_mm and x.shape[0] and x.dtype == torch.float32 and _aligned(x, weight):
         offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-        return _GroupedMM.apply(x.contiguous(), weight.transpose(1, 2), offsets)
-    pieces = [rows @ weight[e].t() for e, rows in enumerate(x.split(counts)) if rows.shape[0]]
+        return _GroupedMM.apply(x.contiguous(), weight, offsets)
+    # unbind, not weight[e]: its backward stacks the experts' gradients once, where each select's would
+    # be a zero-filled full-size tensor, summed over the experts.
+    pieces = [rows @ w.t() for rows, w in zip(x.split(counts), weight.unbind(0)) if rows.shape[0]]
     # No rows at all: still a product of x and the weight, so that the backward reaches the all-to-all
     # that delivered x (the other EP ranks wait in it) and the weight gets its (zero) gradient.
     return torch.cat(pieces) if pieces else x @ weight[0].t()
@@ -316,6 +319,8 @@ class MoEBlock(torch.nn.Module):
     def _exchange(self, routed, counts):
         """Rows grouped by (global) expert, `counts` per expert -> the expert outputs, same order."""
         ep = self.ep
+        if ep.size == 1:  # no exchange: the rows are already grouped by expert
+            return self.experts(routed, counts.tolist())
         local_experts = self.cfg.moe.num_experts // ep.size
         per_rank = counts.view(ep.size, local_experts)
         received = comm.exchange_counts(per_rank.clone(), ep)  # row j: what rank j sends to my experts
