@@ -42,7 +42,7 @@ class Group:
     tokens: list[list[int]] = field(default_factory=list)  # generated, per request (up to and with EOS)
     done: list[bool] = field(default_factory=list)
     logits: list[list[torch.Tensor]] = field(default_factory=list)  # per request and step (last stage, if kept)
-    finished_at: float | None = None  # the step from which every request of the group has ended
+    finished_at: float = float("inf")  # the step from which every request of the group has ended
     first_token_s: float | None = None
     last_tokens: list[int] = field(default_factory=list)  # the tokens the next decode step embeds
 
@@ -50,7 +50,6 @@ class Group:
         n = len(self.ids)
         self.tokens, self.done, self.logits = [[] for _ in range(n)], [False] * n, [[] for _ in range(n)]
         self.lengths = torch.tensor([len(p) for p in self.prompts])
-        self.finished_at = float("inf")
 
 
 @dataclass
@@ -107,8 +106,9 @@ class Engine:
                  ) -> EngineOutput:
         """Generate up to `max_new_tokens` per prompt (stopping a request at `eos_id`), the prompts split
         into `groups` groups that are in flight together. `max_length`: KV-cache positions per request
-        (None: the longest prompt + max_new_tokens; at most model.max_seq_len). `request_ids` (default 0..n-1) seed sampling.
-        `on_tokens(request ids, tokens)` hears each step's new tokens (of requests still running)."""
+        (None: the longest prompt + max_new_tokens; at most model.max_seq_len). `request_ids` (default
+        0..n-1) seed sampling. `on_tokens(request ids, tokens)` hears each step's new tokens (of requests
+        still running)."""
         if max_length is not None and max_length > self.cfg.max_seq_len:
             raise ValueError(f"max_length={max_length} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         check_requests(prompts, max_new_tokens, max_length or self.cfg.max_seq_len, self.cfg.vocab_size)
@@ -200,18 +200,19 @@ class Engine:
         group = groups[g]
         b = len(group.ids)
         if k == 0:
-            width = int(group.lengths.max())
+            width = used = int(group.lengths.max())
             positions, logit_rows = torch.arange(width, device=device).expand(b, width), (group.lengths - 1).to(device)
             if self.stage.embedding is not None:
                 received = torch.tensor([q + [0] * (width - len(q)) for q in group.prompts], device=device)
         else:
             positions, logit_rows = (group.lengths + k - 1).to(device)[:, None], None
+            used = int(group.lengths.max()) + k  # known here: no device sync to find it
             if self.stage.embedding is not None:
                 received = torch.tensor(group.last_tokens, device=device)[:, None]
         if not self.tp_overlap or b < 2:
-            return self.stage(received, cache=group.cache.step(positions, logit_rows))
-        parts = [group.cache.rows(lo, hi).step(positions[lo:hi], None if logit_rows is None else logit_rows[lo:hi])
-                 for lo, hi in ((0, b // 2), (b // 2, b))]
+            return self.stage(received, cache=group.cache.step(positions, logit_rows, used))
+        parts = [group.cache.rows(lo, hi).step(positions[lo:hi], None if logit_rows is None else logit_rows[lo:hi],
+                                               used) for lo, hi in ((0, b // 2), (b // 2, b))]
         return overlapped_forward(self.stage, received, parts)
 
     def _sample(self, group: Group, params: SamplingParams, local_logits: torch.Tensor, keep: bool) -> torch.Tensor:

@@ -50,14 +50,18 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())
 
-    def step(self, positions: torch.Tensor, logit_rows: torch.Tensor | None = None) -> "CacheStep":
-        """The view one forward uses: new tokens at `positions` [b, s] (their slots)."""
+    def step(self, positions: torch.Tensor, logit_rows: torch.Tensor | None = None,
+             used: int | None = None) -> "CacheStep":
+        """The view one forward uses: new tokens at `positions` [b, s] (their slots); `used`: 1 + the
+        largest position, when the caller knows it (else read from `positions`, a device sync)."""
         if positions.dim() != 2 or positions.shape[0] != self.batch:
             raise ValueError(f"positions must be [batch={self.batch}, new tokens], got {tuple(positions.shape)}")
-        used = int(positions.max()) + 1
-        if int(positions.min()) < 0 or used > self.max_length:
-            raise ValueError(f"positions {int(positions.min())}..{used - 1} do not fit a KV cache of "
-                             f"{self.max_length} slots")
+        if used is None:
+            used = int(positions.max()) + 1
+            if int(positions.min()) < 0:
+                raise ValueError(f"negative positions: {positions.tolist()}")
+        if used > self.max_length:
+            raise ValueError(f"positions up to {used - 1} do not fit a KV cache of {self.max_length} slots")
         return CacheStep(self, positions, logit_rows, used)
 
 
