@@ -25,13 +25,14 @@ from megatron_lite.models.partition import build_model_chunks
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
 from megatron_lite.parallel.spawn import run_on_ranks
 from megatron_lite.pipeline.schedules import build_schedule
+from megatron_lite.training.config import compose
 from megatron_lite.training.generate import sample_tokens
 
 
 def model_config(args):
     return llama_config(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                         num_kv_heads=args.kv_heads, ffn_hidden_size=args.hidden * 4 * 2 // 3 // 8 * 8,
-                        max_seq_len=args.prompt_len + max(args.new_tokens, args.recompute_tokens) + 1)
+                        max_seq_len=args.prompt_len + args.new_tokens)
 
 
 def prompts_for(args) -> list[list[int]]:
@@ -65,23 +66,30 @@ def run_layout(name, tp, pp, groups, overlap, args):
 
 
 def cache_vs_recompute(args) -> dict:
-    """One sequence, serial: 256 tokens by KV-cache decode and by the old sliding-window recompute."""
+    """One sequence, serial, `--recompute-tokens` new tokens by KV-cache decode and by the old sliding-window
+    recompute, as the trainer's end-of-run sample runs it: its model (conf: llama_tiny, max_seq_len raised
+    to hold the tokens), a window of trainer.seq_length tokens, and `--recompute-microbatches` forwards of
+    it per token (the trainer passes one window per microbatch of its schedule: 16 / 4 = 4 by default)."""
     torch.set_num_threads(1)
-    cfg = model_config(args)
-    layout = ParallelLayout.serial()
+    n, window = args.recompute_tokens, args.recompute_window
+    run = compose([f"model={args.recompute_model}", f"model.max_seq_len={window + n}",
+                   f"trainer.seq_length={window}"])
+    cfg, layout = run.model_config(), ParallelLayout.serial()
     chunks = build_model_chunks(cfg, layout, seed=0)
-    prompt = prompts_for(args)[0]
-    n = args.recompute_tokens
+    prompt = torch.randint(0, cfg.vocab_size, (window,), generator=torch.Generator().manual_seed(0)).tolist()
     generator = Generator(cfg, layout, chunks)
     generator.generate([prompt], max_new_tokens=4, eos_id=None)
     start = time.perf_counter()
     generator.generate([prompt], max_new_tokens=n, eos_id=None)
     cached = time.perf_counter() - start
-    start = time.perf_counter()
-    sample_tokens(chunks, build_schedule("1f1b", 1, 1), layout, prompt, n, seed=0)
-    recompute = time.perf_counter() - start
-    return {"tokens": n, "prompt": len(prompt), "cache_s": cached, "recompute_s": recompute,
-            "speedup": recompute / cached}
+    out = {"model": args.recompute_model, "tokens": n, "window": window, "cache_s": cached}
+    for microbatches in sorted({1, args.recompute_microbatches}):
+        start = time.perf_counter()
+        sample_tokens(chunks, build_schedule("1f1b", 1, microbatches), layout, prompt, n, seed=0)
+        out[f"recompute_s_{microbatches}mb"] = recompute = time.perf_counter() - start
+        out[f"speedup_{microbatches}mb"] = recompute / cached
+    out["speedup"] = out[f"speedup_{args.recompute_microbatches}mb"]
+    return out
 
 
 LAYOUTS = {  # name: (tp, pp, groups, TP all-reduces overlapped with the other half batch's compute)
@@ -104,6 +112,9 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--recompute-tokens", type=int, default=256)
+    parser.add_argument("--recompute-model", default="llama_tiny", help="conf/model preset (the trainer's default)")
+    parser.add_argument("--recompute-window", type=int, default=128, help="trainer.seq_length")
+    parser.add_argument("--recompute-microbatches", type=int, default=4, help="the trainer's microbatches per step")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
     parser.add_argument("--small", action="store_true", help="a smoke run: tiny model, few tokens")
@@ -112,6 +123,7 @@ def main():
     if args.small:
         args.hidden, args.layers, args.heads, args.kv_heads, args.vocab = 64, 2, 4, 2, 256
         args.batch, args.prompt_len, args.new_tokens, args.recompute_tokens, args.repeats = 4, 8, 8, 16, 1
+        args.recompute_window, args.recompute_microbatches = 16, 2
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} KV), vocab "
           f"{args.vocab}, fp32; batch {args.batch}, prompts {args.prompt_len // 2}..{args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, greedy, gloo on CPU, 1 thread per rank")
@@ -134,8 +146,10 @@ def main():
         out["overlap_ratio"] = by_name["tp2 overlap"]["tokens_per_s"] / by_name["tp2"]["tokens_per_s"]
         print(f"TP2 with communication overlapped / without: tokens/s = {out['overlap_ratio']:.2f}x")
     out["cache_vs_recompute"] = c = cache_vs_recompute(args)
-    print(f"{c['tokens']} tokens after a {c['prompt']}-token prompt, serial: KV cache {c['cache_s']:.2f} s, old "
-          f"recompute path {c['recompute_s']:.2f} s: {c['speedup']:.1f}x")
+    recomputes = ", ".join(f"{c[f'recompute_s_{mb}mb']:.2f} s with {mb} microbatch{'es' if mb > 1 else ''} "
+                           f"({c[f'speedup_{mb}mb']:.1f}x)" for mb in sorted({1, args.recompute_microbatches}))
+    print(f"{c['tokens']} tokens, {c['model']}, window {c['window']}, serial: KV cache {c['cache_s']:.2f} s; old "
+          f"recompute path {recomputes}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
