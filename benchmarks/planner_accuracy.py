@@ -43,7 +43,8 @@ from megatron_lite.planner.training_time import estimate_training  # noqa: E402
 from megatron_lite.training.step import run_schedule, train_step  # noqa: E402
 
 SIZES = [4 * 4**k for k in range(11)]  # 4 B .. 4 MiB
-LAYOUTS = {"serial": Layout(), "TP2": Layout(tp=2), "PP2": Layout(pp=2), "DP2": Layout(dp=2), "3D": Layout(tp=2, pp=2, dp=2)}
+LAYOUTS = {"serial": Layout(), "TP2": Layout(tp=2), "PP2": Layout(pp=2), "DP2": Layout(dp=2),
+           "3D": Layout(tp=2, pp=2, dp=2)}
 
 
 def _all_reduce_times(rank, world, repeats):
@@ -165,8 +166,8 @@ def main(argv=None) -> int:
         measured = statistics.median(max(step) for step in zip(*runs))
         error = abs(predicted - measured) / measured
         rows.append({"layout": name, "predicted_ms": predicted * 1e3, "measured_ms": measured * 1e3, "error": error})
-        print(f"{name:4s} {layout.describe():28s} predicted {predicted * 1e3:8.1f} ms  measured {measured * 1e3:8.1f} ms"
-              f"  |error| {error * 100:5.1f}%")
+        print(f"{name:6s} {layout.describe():28s} predicted {predicted * 1e3:8.1f} ms  measured "
+              f"{measured * 1e3:8.1f} ms  |error| {error * 100:5.1f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "fit": facts, "rows": rows}, f, indent=1)

@@ -17,7 +17,9 @@ from megatron_lite.planner.cost import collective_time, link_of
 from megatron_lite.planner.inference_time import decode_traffic, estimate_inference
 from megatron_lite.planner.params import model_parameters, stage_memory
 from megatron_lite.planner.search import search, structural_reason
-from megatron_lite.planner.spec import GIB, Layout, Workload, load_cluster, load_model, load_workload
+from megatron_lite.models.transformer import parameter_counts
+from megatron_lite.planner.spec import (GIB, Layout, Workload, load_cluster, load_model, load_workload,
+                                        preset_names)
 from megatron_lite.planner.training_time import estimate_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,8 +119,9 @@ def test_bubble_is_the_simulators(schedule, v):
     plan = build_schedule(schedule, 4, m, v)
     assert simulate(plan).bubble_fraction == pytest.approx(analytic_bubble_fraction(4, m, v))
     assert schedule_peaks(schedule, 4, m, v) == simulate(plan).peak_in_flight
-    assert est.metrics["bubble"] == pytest.approx(
-        simulate(plan, est.metrics["forward_s"] / v, est.metrics["backward_s"] / v, _p2p(layout)).bubble_fraction)
+    exact = simulate(plan, est.metrics["forward_s"] / v, est.metrics["backward_s"] / v, _p2p(layout))
+    assert est.metrics["bubble"] == pytest.approx(exact.bubble_fraction, rel=1e-3)  # cost ratios to 3 digits
+    assert est.metrics["makespan_s"] == pytest.approx(exact.makespan, rel=1e-3)
 
 
 def _p2p(layout):
@@ -172,3 +175,13 @@ def test_cli_runs_as_a_script_within_5_seconds_of_planning():
 def test_bad_input_is_named(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [n for n in preset_names("model") if n != "hf"])
+def test_every_model_preset_plans(name):
+    """The planner's parameter count is the framework's own (the serial model built on the meta device),
+    and each preset gets a plan for inference on one H200 node (MoE included)."""
+    cfg = load_model(name)
+    assert model_parameters(cfg) == parameter_counts(cfg)[0]
+    plan = search(cfg, load_cluster("h200"), load_workload("inference"))
+    assert plan.best.memory_per_gpu <= 141 * GIB

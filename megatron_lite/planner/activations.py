@@ -37,9 +37,15 @@ FP32 = 4
 
 
 @functools.lru_cache(maxsize=256)
+def cached_plan(schedule: str, p: int, m: int, v: int):
+    """build_schedule's plan (the one the executor runs), built once per search."""
+    return build_schedule(schedule, p, m, v)
+
+
+@functools.lru_cache(maxsize=256)
 def schedule_peaks(schedule: str, p: int, m: int, v: int) -> tuple[int, ...]:
     """Most (micro batch, chunk) activations each pipeline rank holds at once under the plan."""
-    return peak_in_flight(build_schedule(schedule, p, m, v))
+    return peak_in_flight(cached_plan(schedule, p, m, v))
 
 
 def _norm(cfg: ModelConfig, tokens: int, d: int, u: int) -> float:

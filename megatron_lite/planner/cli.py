@@ -65,7 +65,8 @@ def main(argv: list[str]) -> int:
         return 2
     workload = workload_from_dict(cfg["workload"])
     cluster = cluster_from_dict(cfg["cluster"])
-    print(f"{question['model']} on {cluster.name} ({cluster.num_gpus} GPUs, {cluster.memory_bytes / GIB:.0f} GiB each), "
+    print(f"{question['model']} on {cluster.name} ({cluster.num_gpus} GPUs, "
+          f"{cluster.memory_bytes / GIB:.0f} GiB each), "
           f"{workload.kind} {workload.dtype}")
     print(table(plan, workload, cfg["top"]))
     if "memory_check" in question:

@@ -53,7 +53,8 @@ def decode_traffic(cfg: ModelConfig, layout: Layout, batch: int, d: int, stage: 
         if layout.tp > 1:
             add(("tp", "all_reduce"), (2 * len(layers) + first) * b * cfg.hidden_size * d)
             if last:
-                add(("tp", "all_gather"), b * padded_vocab_size(cfg.vocab_size, layout.tp, cfg.vocab_pad_multiple) * FP32)
+                vocab = padded_vocab_size(cfg.vocab_size, layout.tp, cfg.vocab_pad_multiple)
+                add(("tp", "all_gather"), b * vocab * FP32)
     if layout.pp > 1:  # hidden states one stage on; the sampled tokens from the last stage to every other
         last = stage == layout.pp - 1
         add(("pp", "send"), (layout.pp - 1) * b * INT64 if last else b * cfg.hidden_size * d)

@@ -25,8 +25,9 @@ def plan_dict(plan: Plan, question: dict) -> dict:
 
 def _row(rank: int, e: Estimate) -> list[str]:
     worst = max(e.stages, key=lambda s: s.total)
-    terms = "/".join(f"{worst.memory.get(k, 0) / GIB:.1f}" for k in (
-        ("parameters", "kv_cache") if e.kind == "inference" else ("parameters", "gradients", "optimizer", "activations")))
+    keys = ("parameters", "kv_cache") if e.kind == "inference" else ("parameters", "gradients", "optimizer",
+                                                                     "activations")
+    terms = "/".join(f"{worst.memory.get(k, 0) / GIB:.1f}" for k in keys)
     m = e.metrics
     if e.kind == "inference":
         timing = [f"{m['ttft_s'] * 1e3:.1f}", f"{m['tpot_s'] * 1e3:.2f}", f"{m['tokens_per_s']:.1f}",

@@ -51,7 +51,8 @@ def structural_reason(cfg: ModelConfig, cluster: Cluster, workload: Workload, la
     except ValueError as err:
         return str(err)
     if layout.virtual_stages > 1 and cfg.num_layers % (layout.pp * layout.virtual_stages):
-        return f"num_layers={cfg.num_layers} does not split into pp x virtual_stages={layout.pp * layout.virtual_stages}"
+        return (f"num_layers={cfg.num_layers} does not split into pp x virtual_stages="
+                f"{layout.pp * layout.virtual_stages}")
     if workload.kind == "training":
         if workload.global_batch % (layout.dp * layout.micro_batch):
             return (f"global_batch={workload.global_batch} is not divisible by dp x micro_batch = "
@@ -78,8 +79,8 @@ def memory_reason(estimate: Estimate, cluster: Cluster) -> str | None:
 
 
 def estimate(cfg: ModelConfig, cluster: Cluster, workload: Workload, layout: Layout) -> Estimate:
-    if workload.kind == "training":
-        return estimate_training(cfg, cluster, workload, layout)
+    if workload.kind == "training":  # a layout over memory is not timed
+        return estimate_training(cfg, cluster, workload, layout, memory_limit=cluster.memory_bytes)
     return estimate_inference(cfg, cluster, workload, layout)
 
 

@@ -15,13 +15,13 @@ Step time = the pipeline's makespan + the exposed data-parallel reduction + the 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 from megatron_lite.layers.embedding import padded_vocab_size
 from megatron_lite.models.config import ModelConfig
-from megatron_lite.pipeline.schedules import build_schedule
 from megatron_lite.pipeline.simulate import simulate
-from megatron_lite.planner.activations import stage_activation_bytes
+from megatron_lite.planner.activations import cached_plan, stage_activation_bytes
 from megatron_lite.planner.comm_volume import activation_bytes, microbatches, step_traffic, view_size
 from megatron_lite.planner.cost import collective_time, compute_time, layer_forward_flops, link_of
 from megatron_lite.planner.params import rank_chunks, stage_memory
@@ -90,23 +90,40 @@ def view_times(traffic, layout: Layout, cluster: Cluster, stage: int = 0) -> dic
     return times
 
 
+def pipeline_time(schedule: str, p: int, m: int, v: int, forward: float, backward: float,
+                  comm: float) -> tuple[float, float]:
+    """(makespan, bubble fraction) of the plan simulated with these per-action costs. The simulator's
+    times scale with the costs, so it runs once per (plan, backward/forward, comm/forward) with the
+    ratios rounded to 3 significant digits (a search meets the same ones again; the makespan moves by
+    less than 0.1%) and its makespan is scaled by `forward`."""
+    ratios = tuple(float(f"{x / forward:.3g}") for x in (backward, comm))
+    unit, bubble = _unit_makespan(schedule, p, m, v, *ratios)
+    return unit * forward, bubble
+
+
 @functools.lru_cache(maxsize=4096)
-def _makespan(schedule: str, p: int, m: int, v: int, forward: float, backward: float, comm: float):
-    result = simulate(build_schedule(schedule, p, m, v), forward, backward, comm)
+def _unit_makespan(schedule: str, p: int, m: int, v: int, backward: float, comm: float) -> tuple[float, float]:
+    result = simulate(cached_plan(schedule, p, m, v), 1.0, backward, comm)
     return result.makespan, result.bubble_fraction
 
 
 def estimate_training(cfg: ModelConfig, cluster: Cluster, workload: Workload, layout: Layout,
-                      bucket_size_mb: float = 25.0) -> Estimate:
+                      bucket_size_mb: float = 25.0, memory_limit: float | None = None) -> Estimate:
+    """memory_limit: a layout whose busiest stage needs more bytes is returned untimed (step_s inf)."""
     s, d = workload.seq_length, workload.dtype_bytes
     m = microbatches(layout, workload.global_batch)
-    stages, per_stage = [], []
+    stages, memories = [], []
     for stage in range(layout.pp):
         mem = stage_memory(cfg, layout, stage, d, bucket_size_mb)
         activations = stage_activation_bytes(cfg, layout, stage, s, d, m)
+        memories.append(mem)
         stages.append(StageEstimate(stage, len(mem.layers), {
             "parameters": mem.parameter_bytes, "gradients": mem.gradient_bytes, "optimizer": mem.optimizer_bytes,
             "activations": activations}))
+    if memory_limit is not None and max(st.total for st in stages) > memory_limit:
+        return Estimate(layout, "training", stages, {}, {}, {"step_s": math.inf}, ["over memory: not timed"])
+    per_stage = []
+    for stage, mem in enumerate(memories):
         traffic = step_traffic(cfg, layout, s, workload.global_batch, d, stage, 0, bucket_size_mb)
         times = view_times(traffic, layout, cluster, stage)
         fwd_flops, bwd_flops = _stage_flops(cfg, layout, stage, s)
@@ -122,8 +139,8 @@ def estimate_training(cfg: ModelConfig, cluster: Cluster, workload: Workload, la
         layout.tp if layout.sequence_parallel and layout.tp > 1 else 1), 2, link_of(layout, cluster, "pp"))
     v = layout.virtual_stages
     if layout.pp > 1 or v > 1:
-        makespan, bubble = _makespan(layout.schedule, layout.pp, m, v, forward / v, backward / v,
-                                     p2p if layout.pp > 1 else 0.0)
+        makespan, bubble = pipeline_time(layout.schedule, layout.pp, m, v, forward / v, backward / v,
+                                         p2p if layout.pp > 1 else 0.0)
     else:
         makespan, bubble = m * (forward + backward), 0.0
     # Per stage: what follows the last backward (DP reductions beyond it, ZeRO-1's gather, the partial
@@ -131,8 +148,9 @@ def estimate_training(cfg: ModelConfig, cluster: Cluster, workload: Workload, la
     after = []
     for _, backward_s, traffic, times, mem in per_stage:
         def seconds(views, ops):
-            return sum(collective_time(op, b / calls, view_size(layout, view, mem.stage), link_of(layout, cluster, view))
-                       * calls for (view, op), (b, calls) in traffic.by_view.items() if view in views and op in ops)
+            return sum(calls * collective_time(op, b / calls, view_size(layout, view, mem.stage),
+                                               link_of(layout, cluster, view))
+                       for (view, op), (b, calls) in traffic.by_view.items() if view in views and op in ops)
         reduce = seconds(DATA_PARALLEL, ("all_reduce", "reduce_scatter"))
         exposed = max(reduce - backward_s, 0.0) + seconds(DATA_PARALLEL, ("all_gather",))
         exposed += sum(t for view, t in times.items() if view not in CRITICAL_PATH + DATA_PARALLEL + ("pp",))
