@@ -185,3 +185,14 @@ def test_every_model_preset_plans(name):
     assert model_parameters(cfg) == parameter_counts(cfg)[0]
     plan = search(cfg, load_cluster("h200"), load_workload("inference"))
     assert plan.best.memory_per_gpu <= 141 * GIB
+
+
+def test_experts_are_split_over_ep_and_sp_not_tp():
+    """A mixture of experts is not cut over TP: without SP every TP rank computes all its tokens' experts."""
+    from megatron_lite.planner.cost import rank_layer_flops
+
+    cfg = load_model("mixtral_8x7b")
+    serial = rank_layer_flops(cfg, Layout(), 0, 4096, 4096)[0]
+    assert rank_layer_flops(cfg, Layout(tp=2, sequence_parallel=True), 0, 4096, 4096)[0] == pytest.approx(serial / 2)
+    assert rank_layer_flops(cfg, Layout(tp=2), 0, 4096, 4096)[0] > 0.7 * serial
+    assert rank_layer_flops(cfg, Layout(dp=2, ep=2), 0, 4096, 4096)[0] == serial  # tokens x top_k rows per EP rank

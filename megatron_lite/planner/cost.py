@@ -58,3 +58,18 @@ def layer_forward_flops(cfg: ModelConfig, layer: int, tokens: int, seq_length: i
 
 def compute_time(flops: float, cluster: Cluster, dtype: str) -> float:
     return flops / (cluster.flops(dtype) * cluster.mfu_ceiling)
+
+
+def rank_layer_flops(cfg: ModelConfig, layout: Layout, layer: int, tokens: int, seq_length: int) -> tuple[float, float]:
+    """(all, attention core) forward FLOPs of one layer on one rank: TP splits the attention and dense
+    feed-forwards; a mixture of experts is not split over TP (every TP rank routes its tokens, all of
+    them, or its sequence slice under SP) and over EP each rank computes about tokens x top_k rows."""
+    dense, core = layer_forward_flops(cfg, layer, tokens, seq_length)
+    t = layout.tp
+    if not cfg.is_moe_layer(layer):
+        return (dense + core) / t, core / t
+    moe = cfg.moe
+    mats = 3 if cfg.activation == "swiglu" else 2
+    routed = 2 * cfg.hidden_size * (moe.num_experts + cfg.expert_ffn_size * mats * moe.top_k) * tokens
+    u = t if layout.sequence_parallel and t > 1 else 1
+    return (dense - routed + core) / t + routed / u, core / t

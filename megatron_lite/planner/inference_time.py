@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from megatron_lite.layers.embedding import padded_vocab_size
 from megatron_lite.models.config import ModelConfig
-from megatron_lite.planner.cost import collective_time, compute_time, layer_forward_flops, link_of
+from megatron_lite.planner.cost import collective_time, compute_time, link_of, rank_layer_flops
 from megatron_lite.planner.params import rank_chunks, stage_memory
 from megatron_lite.planner.spec import Cluster, Layout, Workload
 from megatron_lite.planner.training_time import Estimate, StageEstimate
@@ -74,9 +74,7 @@ def _stage_step(cfg, cluster, workload, layout: Layout, stage: int, batch: int, 
     weights = mem.parameter_bytes
     for layers, first, last in rank_chunks(cfg, layout, stage):
         for layer in layers:
-            dense, _ = layer_forward_flops(cfg, layer, tokens, context)
-            core = 2 * 2 * new_tokens * context * cfg.hidden_size * batch  # q k^T and p v over the cache
-            flops += (dense + core) / layout.tp
+            flops += rank_layer_flops(cfg, layout, layer, tokens, context)[0]  # each new token attends `context`
         kv += kv_cache_bytes(cfg, layout, len(layers), batch, context, d)
         crossings = 2 * len(layers) + first
         tp_time += crossings * collective_time("all_reduce", tokens * cfg.hidden_size * d, layout.tp, tp_link,

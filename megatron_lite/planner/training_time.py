@@ -23,7 +23,7 @@ from megatron_lite.models.config import ModelConfig
 from megatron_lite.pipeline.simulate import simulate
 from megatron_lite.planner.activations import cached_plan, stage_activation_bytes
 from megatron_lite.planner.comm_volume import activation_bytes, microbatches, step_traffic, view_size
-from megatron_lite.planner.cost import collective_time, compute_time, layer_forward_flops, link_of
+from megatron_lite.planner.cost import collective_time, compute_time, link_of, rank_layer_flops
 from megatron_lite.planner.params import rank_chunks, stage_memory
 from megatron_lite.planner.spec import Cluster, Layout, Workload
 from megatron_lite.training.metrics import model_flops_per_token
@@ -69,10 +69,9 @@ def _stage_flops(cfg: ModelConfig, layout: Layout, stage: int, seq_length: int) 
     forward = backward = 0.0
     for layers, _, last in rank_chunks(cfg, layout, stage):
         for layer in layers:
-            dense, core = layer_forward_flops(cfg, layer, tokens, seq_length)
-            fwd = (dense + core) / layout.tp
+            fwd, core = rank_layer_flops(cfg, layout, layer, tokens, seq_length)
             forward += fwd
-            backward += 2 * fwd + {"none": 0.0, "full": fwd, "selective": core / layout.tp}[layout.recompute]
+            backward += 2 * fwd + {"none": 0.0, "full": fwd, "selective": core}[layout.recompute]
         if last:
             logits = 2 * cfg.hidden_size * padded_vocab_size(cfg.vocab_size, layout.tp, cfg.vocab_pad_multiple) \
                 * tokens / layout.tp
