@@ -69,6 +69,7 @@ MODELS = {
                                              max_seq_len=SEQ),
     "gpt2": TINY_MODELS["gpt2_deep"].with_(hidden_size=64, num_heads=4, max_seq_len=SEQ),
     "gpt2_dropout": TINY_MODELS["gpt2_deep"].with_(hidden_size=64, num_heads=4, max_seq_len=SEQ, dropout=0.1),
+    "moe": TINY_MODELS["moe"].with_(num_layers=4, hidden_size=64, num_heads=4, max_seq_len=SEQ),
 }
 CASES = [
     ("llama", Layout(pp=2, micro_batch=2)),
@@ -78,6 +79,9 @@ CASES = [
     ("gpt2", Layout(tp=2, pp=2, micro_batch=2)),
     ("gpt2_dropout", Layout(tp=2, pp=2, micro_batch=2, sequence_parallel=True)),
     ("gpt2_dropout", Layout(pp=2, micro_batch=2, recompute="selective")),
+    ("moe", Layout(pp=2, micro_batch=2)),
+    ("moe", Layout(tp=2, pp=2, micro_batch=2, sequence_parallel=True)),
+    ("moe", Layout(pp=2, dp=2, ep=2, micro_batch=2)),
 ]
 
 

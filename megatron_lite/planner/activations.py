@@ -17,8 +17,9 @@ tests/test_planner_activations.py):
 Selective recomputation drops the attention core's own (log-sum-exp, s x s terms); full recomputation
 keeps each layer's input (T*h/u) plus, while one layer is recomputed, that layer's full set. The last
 stage keeps its head (a norm) and the cross-entropy's fp32 (log-)softmax over its vocabulary slice; the
-first its token ids. MoE layers (an estimate, not counted against saved tensors yet): the k routed
-copies of the tokens and the experts' hidden states, T*k*(h + 4f)*d with SwiGLU.
+first its token ids. A mixture-of-experts layer keeps the k routed copies of its tokens (T/u*k*h), the
+experts' hidden states (SwiGLU: T/u*k*4f, balanced routing: each EP rank computes about T/u*k rows),
+their outputs on the way back (T/u*k*h) and the router's fp32 and int64 bookkeeping.
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ def layer_activation_bytes(cfg: ModelConfig, layout: Layout, layer: int, seq_len
     if cfg.is_moe_layer(layer):
         moe = cfg.moe
         routed = tokens / u * moe.top_k
-        total += routed * h * d + routed * cfg.expert_ffn_size * mats * d
+        # the routed copies in, the experts' hidden states, their outputs back; the router's fp32 logits,
+        # probabilities, top-k weights and sums, and the int64 choices and orderings
+        total += 2 * routed * h * d + routed * cfg.expert_ffn_size * mats * d
+        total += tokens / u * (2 * moe.num_experts + 2 + 2 * moe.top_k) * FP32 + 3 * routed * 8
         if moe.num_shared_experts:
             total += tokens * moe.num_shared_experts * cfg.expert_ffn_size * mats * d / t
     else:
