@@ -3,7 +3,7 @@
 Randomness is per request: request i draws from its own generator seeded from (seed, i), one uniform
 number per step, so its tokens depend neither on the layout (TP, PP, DP replica) nor on which other
 requests share its batch or pipeline group. A draw turns into a token by inverting the cumulative
-distribution over the tokens sorted by probability (ties by id): deterministic on every rank.
+distribution over the kept tokens in id order: deterministic on every rank.
 """
 
 from __future__ import annotations
@@ -61,13 +61,19 @@ def filtered_probabilities(logits: torch.Tensor, params: SamplingParams) -> tupl
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """Next token per row of `logits` [b, vocab] (padding columns already -inf or cut off)."""
+    """Next token per row of `logits` [b, vocab] (padding columns already -inf or cut off).
+
+    The draw inverts the cumulative distribution in token-id order, not in probability order: two
+    layouts whose logits differ in the last bits may order near-equal tokens differently, but their
+    id-order CDFs differ only by those bits, so a draw picks another token only within that distance
+    of a boundary."""
     if params.greedy:
         return logits.argmax(-1)
-    probs, order = filtered_probabilities(logits, params)
+    sorted_probs, order = filtered_probabilities(logits, params)
+    probs = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs).double()
     draws = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(probs.device)
-    cdf = probs.double().cumsum(-1)
-    index = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
-    # A draw at an exact cut-off must not land on a token of probability 0.
-    index = torch.minimum(index, (probs > 0).sum(-1, keepdim=True) - 1)
-    return order.gather(-1, index).squeeze(-1)
+    cdf = probs.cumsum(-1)
+    index = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)
+    # Rounding may put a draw at the very end: the last token that can be drawn.
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int64).argmax(-1, keepdim=True)
+    return torch.minimum(index, last).squeeze(-1)
