@@ -196,3 +196,14 @@ def test_experts_are_split_over_ep_and_sp_not_tp():
     assert rank_layer_flops(cfg, Layout(tp=2, sequence_parallel=True), 0, 4096, 4096)[0] == pytest.approx(serial / 2)
     assert rank_layer_flops(cfg, Layout(tp=2), 0, 4096, 4096)[0] > 0.7 * serial
     assert rank_layer_flops(cfg, Layout(dp=2, ep=2), 0, 4096, 4096)[0] == serial  # tokens x top_k rows per EP rank
+
+
+def test_objectives_rank_differently():
+    cfg, cluster, workload = LLAMA2_70B, load_cluster("a100_pcie_4"), load_workload("inference_batch8")
+    by_memory = search(cfg, cluster, workload, objective="memory").ranked
+    assert [e.memory_per_gpu for e in by_memory] == sorted(e.memory_per_gpu for e in by_memory)
+    by_throughput = search(cfg, cluster, workload, objective="throughput").ranked
+    rates = [e.metrics["tokens_per_s"] for e in by_throughput]
+    assert rates == sorted(rates, reverse=True)
+    with pytest.raises(ValueError, match="objective='cheap' is not one of"):
+        search(cfg, cluster, workload, objective="cheap")

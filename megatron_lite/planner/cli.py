@@ -53,7 +53,7 @@ def run(cfg: dict) -> tuple[Plan, dict]:
         return Plan([estimate], []), question
     if not cfg["with_latency"] and workload.kind == "inference":
         raise ValueError("with_latency=false is for one layout (layout.tp=.. layout.pp=.. layout.dp=..)")
-    return search(model, cluster, workload), question
+    return search(model, cluster, workload, objective=cfg["objective"]), question
 
 
 def main(argv: list[str]) -> int:

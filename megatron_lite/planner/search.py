@@ -105,8 +105,19 @@ def _option_ladder(layout: Layout):
         yield replace(base, recompute=recompute)
 
 
-def search(cfg: ModelConfig, cluster: Cluster, workload: Workload, top: int | None = None) -> Plan:
-    """Every candidate layout, estimated; the valid ones ranked by time (step or output token), then memory."""
+OBJECTIVES = {  # sort keys, best first
+    "time": lambda e: (e.time_s, e.memory_per_gpu),  # seconds per step (training) or per output token
+    "throughput": lambda e: (-e.metrics["tokens_per_s"], e.memory_per_gpu),
+    "memory": lambda e: (e.memory_per_gpu, e.time_s),
+}
+
+
+def search(cfg: ModelConfig, cluster: Cluster, workload: Workload, top: int | None = None,
+           objective: str = "time") -> Plan:
+    """Every candidate layout, estimated; the valid ones ranked by `objective` (time: per step or per
+    output token; throughput: tokens/s; memory: bytes per GPU), ties broken by the other."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not one of {tuple(OBJECTIVES)}")
     ranked: list[Estimate] = []
     rejected: list[Rejected] = []
     for tp, pp, dp, ep in candidate_sizes(cfg, cluster, workload):
@@ -116,7 +127,7 @@ def search(cfg: ModelConfig, cluster: Cluster, workload: Workload, top: int | No
             continue
         for micro in MICRO_BATCHES:
             _try(cfg, cluster, workload, list(_option_ladder(replace(sizes, micro_batch=micro))), ranked, rejected)
-    ranked.sort(key=lambda e: (e.time_s, e.memory_per_gpu))
+    ranked.sort(key=OBJECTIVES[objective])
     if not ranked:
         raise ValueError(_nothing_fits(cluster, workload, rejected))
     return Plan(ranked[:top] if top else ranked, rejected)
