@@ -107,7 +107,7 @@ def training_step_traffic(cfg: ModelConfig, layout: Layout, seq_length: int, glo
 def step_traffic(cfg: ModelConfig, layout: Layout, seq_length: int, global_batch: int, dtype_bytes: int,
                  stage: int = 0, dp_rank: int = 0, bucket_size_mb: float = 25.0,
                  include_expected: bool = True) -> Traffic:
-    """training_step_traffic with the call counts and each counter's layout group (for timing)."""
+    """training_step_traffic with call counts, and bytes per layout group (`by_view`, for timing)."""
     m = microbatches(layout, global_batch)
     t = Traffic(layout, stage)
     act = activation_bytes(cfg, layout, seq_length, dtype_bytes)
