@@ -103,22 +103,25 @@ def layout_worker(rank, world, tp, pp, dp, groups, cfg, tp_overlap=False):
             "tp": layout.tp.rank, "dp": layout.dp.rank}
 
 
-CASES = {  # name: (tp, pp, dp, groups[, TP all-reduces overlapped with another micro-batch's compute])
-    "tp2": (2, 1, 1, 1),
-    "tp2xpp2_walk_overlap": (2, 2, 1, 1, True),
-    "pp2_rotating_2_groups": (1, 2, 1, 2),
-    "tp2xpp2_rotating_2_groups": (2, 2, 1, 2),
-    "pp4_rotating_4_groups": (1, 4, 1, 4),
-    "tp4_replicated_kv": (4, 1, 1, 1),
-    "dp2_replicas": (1, 1, 2, 1),
+CASES = {  # name: (model, tp, pp, dp, groups[, TP all-reduces overlapped with another micro-batch's compute])
+    "tp2": ("llama", 2, 1, 1, 1),
+    "tp2xpp2_walk_overlap": ("llama", 2, 2, 1, 1, True),
+    "pp2_rotating_2_groups": ("llama", 1, 2, 1, 2),
+    "tp2xpp2_rotating_2_groups": ("llama", 2, 2, 1, 2),
+    "pp4_rotating_4_groups": ("llama", 1, 4, 1, 4),
+    "tp4_replicated_kv": ("llama", 4, 1, 1, 1),
+    "dp2_replicas": ("llama", 1, 1, 2, 1),
+    "gpt2_tp2xpp2_tied_learned_positions": ("gpt2", 2, 2, 1, 2),
 }
+CONFIGS = {"llama": LLAMA, "gpt2": GPT2}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_layouts_match_serial(serial, case):
-    tp, pp, dp, groups, *overlap = CASES[case]
-    model, greedy, sampled = serial["llama"]
-    results = run_on_ranks(layout_worker, tp * pp * dp, tp, pp, dp, groups, LLAMA, *overlap, timeout_s=120)
+    name, tp, pp, dp, groups, *overlap = CASES[case]
+    cfg = CONFIGS[name]
+    model, greedy, sampled = serial[name]
+    results = run_on_ranks(layout_worker, tp * pp * dp, tp, pp, dp, groups, cfg, *overlap, timeout_s=120)
     for res in results:  # every rank returns every request's tokens
         assert res["greedy"].tokens == [t[:MULTI_RANK_STEPS] for t in greedy.tokens]
         assert res["sampled"] == sampled.tokens
@@ -129,14 +132,14 @@ def test_layouts_match_serial(serial, case):
         result = res["greedy"]
         result.tokens = [result.tokens[i] for i in rows]
         check_against_recompute(model, mine, result)
-    check_comm_volume(results, tp, pp, groups)
+    check_comm_volume(results, cfg, tp, pp, groups)
 
 
-def check_comm_volume(results, tp, pp, groups):
+def check_comm_volume(results, cfg, tp, pp, groups):
     """Per rank: TP all-reduces 2 per layer of [b, s, hidden] fp32 per step (prefill s = the group's longest
     prompt, decode s = 1), and one more on the first stage (vocab-parallel embedding); PP one send per stage
     boundary of the same activation; the last stage sends the step's tokens (int64) to each other stage."""
-    h, steps, layers = LLAMA.hidden_size, MULTI_RANK_STEPS, LLAMA.num_layers // pp
+    h, steps, layers = cfg.hidden_size, MULTI_RANK_STEPS, cfg.num_layers // pp
     bounds = [round(i * len(PROMPTS) / groups) for i in range(groups + 1)]
     sets = [PROMPTS[bounds[g]:bounds[g + 1]] for g in range(groups)]
     tokens = sum(len(s) * (max(map(len, s)) + steps - 1) for s in sets)  # positions run through each layer
