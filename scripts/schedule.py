@@ -2,6 +2,8 @@
 
     python scripts/schedule.py schedule=1f1b pp=4 microbatches=8 png=1f1b.png
     python scripts/schedule.py schedule=interleaved_1f1b pp=4 microbatches=8 virtual_stages=2
+    python scripts/schedule.py schedule=zb_h1 pp=4 microbatches=8
+    python scripts/schedule.py schedule=zbv pp=4 microbatches=8 virtual_stages=2
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ except ImportError:  # running from a checkout that is not pip-installed
 from megatron_lite.pipeline.schedules import build_schedule
 from megatron_lite.pipeline.simulate import (
     analytic_bubble_fraction,
+    peak_activation_memory,
     render_png,
     render_text,
     simulate,
@@ -31,12 +34,14 @@ from megatron_lite.pipeline.validate import validate_plan
 
 @dataclass
 class ScheduleCliConfig:
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zb_h1 | zbv
     pp: int = 4
     microbatches: int = 8
     virtual_stages: int = 1
     forward_cost: float = 1.0  # per action, i.e. per model chunk
     backward_cost: float = 2.0
+    input_cost: Optional[float] = None  # zero-bubble I (default: half the backward)
+    weight_cost: Optional[float] = None  # zero-bubble W (default: half the backward)
     comm_cost: float = 0.0
     width: Optional[int] = None  # squeeze the text timeline into this many columns
     png: Optional[str] = None
@@ -56,16 +61,21 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     validate_plan(plan)
-    result = simulate(plan, cfg.forward_cost, cfg.backward_cost, cfg.comm_cost)
+    result = simulate(plan, cfg.forward_cost, cfg.backward_cost, cfg.comm_cost, cfg.input_cost, cfg.weight_cost)
     print(render_text(result, width=cfg.width))
     print()
-    formula = analytic_bubble_fraction(cfg.pp, cfg.microbatches, cfg.virtual_stages)
-    print(
-        f"bubble fraction: simulated {result.bubble_fraction:.4f}, "
-        f"analytic (p-1)/(v*m+p-1) = {formula:.4f}"
-    )
+    if plan.split_backward:
+        print(f"bubble fraction: simulated {result.bubble_fraction:.4f}; inside each rank's span (the zero-bubble "
+              f"paper's count, start-up ramp left out) {result.inner_bubble_fraction:.4f}")
+    else:
+        formula = analytic_bubble_fraction(cfg.pp, cfg.microbatches, cfg.virtual_stages)
+        print(
+            f"bubble fraction: simulated {result.bubble_fraction:.4f}, "
+            f"analytic (p-1)/(v*m+p-1) = {formula:.4f}"
+        )
     peaks = ", ".join(f"rank {r}: {n}" for r, n in enumerate(result.peak_in_flight))
     print(f"peak in-flight microbatches (activations held): {peaks}")
+    print(f"peak activation memory: {peak_activation_memory(plan):g} microbatches of a rank's layers")
     if cfg.png:
         render_png(result, cfg.png)
         print(f"wrote {cfg.png}")

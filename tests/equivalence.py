@@ -14,7 +14,7 @@ from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
 from megatron_lite.parallel.sharding import ShardSpec, gather_full, spec_of, tp_shard
 from megatron_lite.models.partition import build_model_chunks, named_parameters
-from megatron_lite.pipeline.schedules import build_schedule
+from megatron_lite.pipeline.schedules import build_schedule, schedule_mapping
 from megatron_lite.pipeline.transport import TRANSPORTS
 from megatron_lite.training.step import run_schedule, train_step
 
@@ -118,7 +118,8 @@ def run_training(case: Case, layout: ParallelLayout) -> dict:
     TP (vocabulary) and DP (batch), parameters over TP and PP, so everything compares with one process.
     """
     cfg = TINY_MODELS[case.model]
-    chunks = build_model_chunks(cfg, layout, SEED, case.virtual_stages, options=case.options)
+    chunks = build_model_chunks(cfg, layout, SEED, case.virtual_stages, options=case.options,
+                                mapping=schedule_mapping(case.schedule))
     optimizer = make_optimizer(case, chunks, layout)
     plan = build_schedule(case.schedule, layout.pp.size, case.microbatches, case.virtual_stages)
     dp = layout.dp

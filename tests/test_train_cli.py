@@ -31,7 +31,12 @@ BAD_CONFIGS = [
     ("model=gpt5", "Could not find 'model/gpt5'"),
     ("parallel.dp=null", "parallel.dp=null needs a launcher"),
     ("parallel.tp=3", "model.num_heads=4 is not divisible by parallel.tp=3"),
-    ("parallel.schedule=zigzag", "parallel.schedule='zigzag' is not allowed; choose one of ['gpipe', '1f1b', 'interleaved_1f1b']"),
+    ("parallel.schedule=zigzag", "parallel.schedule='zigzag' is not allowed; choose one of ['gpipe', '1f1b', "
+                                 "'interleaved_1f1b', 'zb_h1', 'zbv']"),
+    ("parallel.pp=2 parallel.schedule=zbv", "zbv runs two model chunks per rank in a V, got virtual_stages=1; "
+                                            "use virtual_stages=2"),
+    ("parallel.pp=4 parallel.schedule=zbv parallel.virtual_stages=2", "num_layers=4 cannot be split into "
+                                                                     "pp*virtual_stages=4*2=8 equal chunks"),
     ("parallel.pp=2 parallel.schedule=interleaved_1f1b parallel.virtual_stages=2 trainer.global_batch_size=12",
      "multiple of pp=2, got 3"),
     ("parallel.dp=3", "trainer.global_batch_size=16 is not divisible by trainer.micro_batch_size x parallel.dp = "

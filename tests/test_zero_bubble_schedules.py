@@ -106,3 +106,15 @@ def test_bad_arguments(name, v, message):
 def test_timeline_draws_weight_passes():
     text = render_text(simulate(build_schedule("zb_h1", 2, 4), 1, 2))
     assert "'3ww' its weight gradients" in text and "0w" in text
+
+
+from test_schedules import cli  # noqa: E402,F401 - the scripts/schedule.py fixture
+
+
+def test_cli_shows_zero_bubble_schedules(cli, capsys):
+    assert cli.main(["schedule=zbv", "pp=4", "microbatches=8", "virtual_stages=2"]) == 0
+    out = capsys.readouterr().out
+    assert "start-up ramp left out) 0.0000" in out and "'3ww' its weight gradients" in out
+    assert "peak activation memory: 4 microbatches" in out
+    assert cli.main(["schedule=zb_h2"]) == 2
+    assert "unknown schedule 'zb_h2'; choose one of gpipe, 1f1b, interleaved_1f1b, zb_h1, zbv" in capsys.readouterr().err

@@ -73,17 +73,20 @@ class _ColumnLinearsOverlapped(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, tp, *weights_and_biases):
         weights, biases = weights_and_biases[0::2], weights_and_biases[1::2]
-        ctx.tp, ctx.store = tp, weight_grad.active_store()
-        ctx.save_for_backward(x, *weights_and_biases)
+        # The parameters themselves name W's gradients (saved tensors come back as other objects under
+        # recomputation); only their values are saved.
+        ctx.tp, ctx.store, ctx.params = tp, weight_grad.active_store(), weights_and_biases
+        ctx.save_for_backward(x, *weights)
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
 
     @staticmethod
     def backward(ctx, *grads):
         # Autograd materialises the gradient of every output (zeros for an unused one): none is None.
-        x, *weights_and_biases = ctx.saved_tensors
+        x, *weight_values = ctx.saved_tensors
+        weights_and_biases = ctx.params
         weights, biases = weights_and_biases[0::2], weights_and_biases[1::2]
-        grad_x = grads[0].matmul(weights[0])
-        for grad, weight in zip(grads[1:], weights[1:]):
+        grad_x = grads[0].matmul(weight_values[0])
+        for grad, weight in zip(grads[1:], weight_values[1:]):
             grad_x.add_(grad.matmul(weight))
         pending = comm.all_reduce_async(grad_x, ctx.tp)
         needs = ctx.needs_input_grad[2:]

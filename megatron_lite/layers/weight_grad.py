@@ -86,7 +86,8 @@ def active_store() -> WeightGradStore | None:
 
 def linear_weight_grads(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None, needs_weight: bool, needs_bias: bool) -> WeightGrads:
-    """dW = g^T x and db = sum g over the flattened leading dims (autograd's own formulas for F.linear)."""
+    """dW = g^T x and db = sum g over the flattened leading dims (autograd's own formulas for F.linear),
+    paired with `weight` and `bias`, which must be the parameters themselves."""
     grad_2d = grad.reshape(-1, grad.shape[-1])
     pairs: WeightGrads = []
     if needs_weight:
@@ -108,15 +109,17 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.store = active_store()
-        ctx.save_for_backward(x, weight, *([bias] if bias is not None else []))
+        # The parameters themselves name the gradients W accumulates: saved tensors come back as other
+        # tensor objects under recomputation (detached copies of the recomputed forward's).
+        ctx.store, ctx.params = active_store(), (weight, bias)
+        ctx.save_for_backward(x, weight)
         return torch.nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, *bias = ctx.saved_tensors
-        bias = bias[0] if bias else None
-        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        x, weight_value = ctx.saved_tensors
+        weight, bias = ctx.params
+        grad_x = grad.matmul(weight_value) if ctx.needs_input_grad[0] else None
         needs_weight, needs_bias = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         if ctx.store is not None:
             ctx.store.defer(lambda: linear_weight_grads(x, grad, weight, bias, needs_weight, needs_bias))
@@ -132,14 +135,14 @@ class EmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids, weight):
-        ctx.store, ctx.num_rows = active_store(), weight.shape[0]
-        ctx.save_for_backward(ids, weight)
+        ctx.store, ctx.num_rows, ctx.weight = active_store(), weight.shape[0], weight  # see LinearFunction
+        ctx.save_for_backward(ids)
         return torch.nn.functional.embedding(ids, weight)
 
     @staticmethod
     def backward(ctx, grad):
-        ids, weight = ctx.saved_tensors
-        rows = ctx.num_rows
+        ids, = ctx.saved_tensors
+        weight, rows = ctx.weight, ctx.num_rows
 
         def weight_grads() -> WeightGrads:
             return [(weight, torch.ops.aten.embedding_backward(grad, ids, rows, -1, False, False))]
@@ -182,6 +185,9 @@ def backward_weight(store: WeightGradStore) -> None:
     for param, grad in store.drain():
         if grad is None:
             continue
+        if not (param.is_leaf and param.requires_grad):
+            raise RuntimeError(f"weight-gradient store {store.name}: a gradient of shape {tuple(grad.shape)} is "
+                               "paired with a tensor that is no trainable parameter; it would be lost")
         entry = summed.get(id(param))
         if entry is None:
             summed[id(param)] = [param, grad]

@@ -1,14 +1,19 @@
 """Which layers live on which pipeline stage, and the model chunks one rank builds.
 
-Virtual stage s (model chunk c on rank r, s = c * p + r) holds a contiguous run of layers; the
-first virtual stage also holds the embedding, the last one the output head and the loss.
+Virtual stage s (model chunk c on rank r, s = c * p + r; in ZBV's V, s = r for chunk 0 and 2p - 1 - r for
+chunk 1) holds a contiguous run of layers; the first virtual stage also holds the embedding, the last
+one the output head and the loss.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from megatron_lite.models.config import BuildOptions, ModelConfig
 from megatron_lite.models.transformer import TransformerStage, build_model
-from megatron_lite.parallel.layout import ParallelLayout, virtual_stage
+from megatron_lite.parallel.layout import ParallelLayout
+from megatron_lite.parallel.sharding import spec_of
+from megatron_lite.pipeline.schedules import stage_of
 
 
 def check_layer_split(num_layers: int, num_stages: int, virtual_stages: int = 1) -> int:
@@ -54,18 +59,36 @@ def split_layers(num_layers: int, num_stages: int, virtual_stages: int = 1,
 
 def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, seed: int, virtual_stages: int = 1,
                        layers_per_stage: list[int] | None = None,
-                       options: BuildOptions = BuildOptions(), initialize: bool = True) -> list[TransformerStage]:
+                       options: BuildOptions = BuildOptions(), initialize: bool = True,
+                       mapping: str = "loop") -> list[TransformerStage]:
     """This rank's model chunks (one per virtual stage it hosts), weights equal to the serial model's
-    (initialize=False: left uninitialised for weights loaded next)."""
+    (initialize=False: left uninitialised for weights loaded next). mapping: how chunks map to virtual
+    stages, as the schedule needs (`schedules.schedule_mapping`)."""
     p, rank = layout.pp.size, layout.pp.rank
     layers = split_layers(cfg.num_layers, p, virtual_stages, layers_per_stage)
     last = p * virtual_stages - 1
     chunks = []
     for chunk in range(virtual_stages):
-        stage = virtual_stage(rank, chunk, p)
+        stage = stage_of(rank, chunk, p, mapping)
         chunks.append(build_model(cfg, layout, seed, layers[stage], first=stage == 0, last=stage == last,
                                   options=options, initialize=initialize))
+    if mapping == "v":
+        _share_tied_embedding(chunks)
     return chunks
+
+
+def _share_tied_embedding(chunks: list[TransformerStage]) -> None:
+    """Where one rank holds both pipeline ends in different chunks (the V of ZBV), the head uses the
+    embedding's weight itself, as in the serial model, instead of a copy summed over the pipeline ends."""
+    firsts = [c for c in chunks if c.embedding is not None]
+    lasts = [c for c in chunks if c.head is not None]
+    if not firsts or not lasts or firsts[0] is lasts[0] or not firsts[0].cfg.tie_embeddings:
+        return
+    word, head = firsts[0].embedding.word, lasts[0].head
+    spec = spec_of(word.weight)
+    word.weight.shard_spec = replace(spec, tie=None, reductions=tuple(r for r in spec.reductions if r.group != "embedding"))
+    del head.weight
+    head._tied = [word]
 
 
 def named_parameters(chunks: list[TransformerStage]):

@@ -20,6 +20,12 @@
   can be tested, on CPU (gloo's sends complete only once the receive is posted, like NCCL's rendezvous).
 - Between virtual stages that live on the same rank (pp=1 with several model chunks) the tensors are
   handed over locally, without a message.
+- Zero-bubble plans split each backward into I and W (`layers/weight_grad.py`): the forward and the I
+  of a (microbatch, chunk) run with that pair's `WeightGradStore` active, I computes and sends the input
+  gradient and leaves the weight-gradient work in the store, W drains it into `.grad` through autograd's
+  accumulation. Every parameter's gradient then lands in W, so `before_last_backward` (which lets the
+  gradient buffers start their DP reductions) comes before each chunk's last W. Every store is empty at
+  the end of the step.
 - The loss of a microbatch is the sum of its per-token losses divided by one divisor for the whole step
   (not its own mean): with ignored targets microbatches hold different numbers of valid tokens, and
   only a common divisor makes the step's loss the mean over its tokens, whatever the split.
@@ -27,6 +33,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,11 +41,12 @@ import torch
 from torch.autograd import Variable
 
 from megatron_lite.layers.cross_entropy import IGNORE_INDEX
+from megatron_lite.layers.weight_grad import WeightGradStore, backward_input, backward_weight, deferring_to
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.pipeline.program import Transfer, build_programs, completion_points, default_batching
 from megatron_lite.pipeline.schedules import (Action, ActionKind, PipelinePlan, forward_only_plan,
-                                              forwards_precede_backwards, virtual_stage)
+                                              forwards_precede_backwards)
 from megatron_lite.pipeline.transport import Transport, message_of, transport_for_backend
 
 ACTIVATION_TAG, GRAD_TAG = 0, 1
@@ -56,6 +64,7 @@ class _InFlight:
     auxiliary: dict = field(default_factory=dict)   # (mb, chunk) -> the stage's auxiliary loss / m
     to_send: dict = field(default_factory=dict)     # (kind, mb, chunk) -> tensor ready to send
     sends: dict = field(default_factory=dict)       # Message -> (work, tensor) until known complete
+    stores: dict = field(default_factory=dict)      # (mb, chunk) -> WeightGradStore (zero-bubble plans)
 
 
 def _release(tensor: torch.Tensor) -> None:
@@ -63,15 +72,22 @@ def _release(tensor: torch.Tensor) -> None:
     tensor.data = torch.empty((1,), device=tensor.device, dtype=tensor.dtype)
 
 
-def _backward(output: torch.Tensor, grad: torch.Tensor | None, auxiliary: torch.Tensor | None = None,
-              auxiliary_scale: float = 1.0) -> None:
-    """Backward from `output` with `grad` (None: a scalar loss), and from the stage's auxiliary loss
-    (times the loss scale), bypassing the shape check that a released output would fail."""
+def _roots(output: torch.Tensor, grad: torch.Tensor | None, auxiliary: torch.Tensor | None,
+           auxiliary_scale: float) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """What a backward starts from: `output` with `grad` (None: a scalar loss), and the stage's auxiliary
+    loss (times the loss scale)."""
     if grad is None:
         grad = torch.ones_like(output)
     tensors, grads = (output,), (grad,)
     if auxiliary is not None:
         tensors, grads = tensors + (auxiliary,), grads + (torch.full_like(auxiliary, auxiliary_scale),)
+    return tensors, grads
+
+
+def _backward(output: torch.Tensor, grad: torch.Tensor | None, auxiliary: torch.Tensor | None = None,
+              auxiliary_scale: float = 1.0) -> None:
+    """The fused backward from `_roots`, bypassing the shape check that a released output would fail."""
+    tensors, grads = _roots(output, grad, auxiliary, auxiliary_scale)
     Variable._execution_engine.run_backward(
         tensors=tensors, grad_tensors=grads, keep_graph=False, create_graph=False, inputs=(),
         allow_unreachable=True, accumulate_grad=True,
@@ -82,13 +98,13 @@ class PipelineExecutor:
     def __init__(self, plan: PipelinePlan, chunks: list[torch.nn.Module], layout: ParallelLayout,
                  activation_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                  receive_lookahead: int | None = None, transport: Transport | None = None,
-                 batching: str | None = None):
+                 batching: str | None = None, timeline: list | None = None):
         """transport: the semantics to plan for (default: the pipeline group's backend's); batching:
-        how transfers are grouped (default: the transport's, see `program.default_batching`)."""
+        how transfers are grouped (default: the transport's, see `program.default_batching`); timeline: a
+        list that receives (kind, microbatch, chunk, start, end) per compute action, in perf_counter
+        seconds (the measured busy spans; the idle time is what lies between them)."""
         if len(chunks) != plan.virtual_stages:
             raise ValueError(f"{len(chunks)} model chunks for a plan with {plan.virtual_stages} virtual stages")
-        if plan.split_backward or plan.mapping != "loop":
-            raise NotImplementedError(f"the executor does not run {plan.name} yet (backwards split into I and W)")
         self.plan, self.chunks, self.layout = plan, chunks, layout
         self.activation_shape, self.dtype = tuple(activation_shape), dtype
         self.rank = layout.pp.rank
@@ -102,14 +118,18 @@ class PipelineExecutor:
         # An in-order transport emulated on a backend whose operations are independent: one transfer at
         # a time, as one stream would run them.
         self.wait_each_transfer = self.transport.in_order and backend not in (None, "nccl")
+        self.timeline = timeline
         self.released_outputs = 0  # forward outputs whose storage our graph no longer pins
         self.peak_pending_sends = 0  # most sends whose buffers were held at once
 
     def _stage(self, chunk: int) -> int:
-        return virtual_stage(self.rank, chunk, self.plan.num_stages)
+        return self.plan.stage_of(self.rank, chunk)
 
     def _is_local(self, stage: int) -> bool:
-        return 0 <= stage < self.plan.num_virtual_stages and stage % self.plan.num_stages == self.rank
+        return 0 <= stage < self.plan.num_virtual_stages and self.plan.location(stage)[0] == self.rank
+
+    def _local_chunk(self, stage: int) -> int:
+        return self.plan.location(stage)[1]
 
     def run(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, forward_only: bool = False,
             loss_scale: float = 1.0, before_last_backward: Callable[[int], None] | None = None,
@@ -147,16 +167,26 @@ class PipelineExecutor:
             loss_divisor = sum(int((t != IGNORE_INDEX).sum()) for t in targets)
         self.loss_divisor = loss_divisor if loss_divisor else 1.0
         self.backwards_done = [0] * len(self.chunks)
+        self.weights_done = [0] * len(self.chunks)
         loss_sum = torch.zeros((), device=self.layout.device)
         for step in programs[self.rank]:
             if isinstance(step, Transfer):
                 self._communicate(plan, step.actions, state)
-            elif step.kind == ActionKind.FORWARD:
+                continue
+            self._compute_start = time.perf_counter() if self.timeline is not None else 0.0
+            if step.kind == ActionKind.FORWARD:
                 loss = self._forward(step, tokens, targets, state, forward_only)
                 if loss is not None:
                     loss_sum += loss
+            elif step.kind == ActionKind.BACKWARD_WEIGHT:
+                self._weight(step, state)
             else:
                 self._backward(step, state)
+            if self.timeline is not None:
+                self.timeline.append((step.kind.value, step.microbatch, step.chunk, self._compute_start,
+                                      time.perf_counter()))
+        for store in state.stores.values():
+            store.check_empty()
         for work, _ in state.sends.values():
             if work is not None:
                 work.wait()
@@ -175,7 +205,10 @@ class PipelineExecutor:
             else:
                 stage_input = self._wait_received(ActionKind.RECV_ACTIVATION, key, state)
             stage_input.requires_grad_(not forward_only)
-        with torch.set_grad_enabled(not forward_only):
+        store = None
+        if self.plan.split_backward and not forward_only:
+            store = state.stores[key] = WeightGradStore(f"(microbatch {action.microbatch}, chunk {action.chunk})")
+        with torch.set_grad_enabled(not forward_only), deferring_to(store):
             output = self.chunks[action.chunk](stage_input)
             if stage == self.last_stage and targets is None:
                 self.outputs[action.microbatch] = output
@@ -191,7 +224,7 @@ class PipelineExecutor:
         if stage == self.last_stage:
             return output.detach()
         if self._is_local(stage + 1):
-            state.local[(ActionKind.FORWARD, action.microbatch, action.chunk + 1)] = output
+            state.local[(ActionKind.FORWARD, action.microbatch, self._local_chunk(stage + 1))] = output
         else:
             state.to_send[(ActionKind.SEND_ACTIVATION,) + key] = output.detach()
         return None
@@ -211,16 +244,33 @@ class PipelineExecutor:
         if self.backwards_done[action.chunk] == 0 and hasattr(self.chunks[action.chunk], "prepare_backward"):
             self.chunks[action.chunk].prepare_backward()
         self.backwards_done[action.chunk] += 1
-        if self.before_last_backward and self.backwards_done[action.chunk] == self.plan.num_microbatches:
-            self.before_last_backward(action.chunk)
-        _backward(output, grad, state.auxiliary.pop(key, None), self.loss_scale)
         stage_input = state.inputs.pop(key)
+        auxiliary = state.auxiliary.pop(key, None)
+        if action.kind == ActionKind.BACKWARD_INPUT:
+            store = state.stores[key]
+            with deferring_to(store):  # a recomputed forward records into the same store
+                input_grad = backward_input(*_roots(output, grad, auxiliary, self.loss_scale), stage_input,
+                                            self.chunks[action.chunk].parameters(), store)
+        else:
+            if self.before_last_backward and self.backwards_done[action.chunk] == self.plan.num_microbatches:
+                self.before_last_backward(action.chunk)
+            _backward(output, grad, auxiliary, self.loss_scale)
+            input_grad = stage_input.grad
         if stage == 0:
             return
         if self._is_local(stage - 1):
-            state.local[(ActionKind.BACKWARD, action.microbatch, action.chunk - 1)] = stage_input.grad
+            state.local[(ActionKind.BACKWARD, action.microbatch, self._local_chunk(stage - 1))] = input_grad
         else:
-            state.to_send[(ActionKind.SEND_GRAD,) + key] = stage_input.grad
+            state.to_send[(ActionKind.SEND_GRAD,) + key] = input_grad
+
+    def _weight(self, action, state):
+        """W: the weight gradients that the I of this (microbatch, chunk) left in its store."""
+        self.weights_done[action.chunk] += 1
+        if self.before_last_backward and self.weights_done[action.chunk] == self.plan.num_microbatches:
+            self.before_last_backward(action.chunk)  # every parameter's gradient lands in W
+        store = state.stores.pop((action.microbatch, action.chunk))
+        backward_weight(store)
+        store.check_empty()
 
     # ------------------------------------------------------------------ communication
 
@@ -257,6 +307,8 @@ class PipelineExecutor:
         buffer, work = state.received.pop((kind,) + key)
         if work is not None:
             work.wait()
+            if self.timeline is not None:
+                self._compute_start = time.perf_counter()  # waiting for the data is idle time
         peer = (self.rank - 1 if kind == ActionKind.RECV_ACTIVATION else self.rank + 1) % self.plan.num_stages
         message = message_of(self.plan, self.rank, Action(kind, key[0], key[1], peer))
         for sent in self.completion_points.get(message, ()):

@@ -179,6 +179,32 @@ def simulate(
     )
 
 
+def measured(plan: PipelinePlan, timelines: list[list[tuple]]) -> SimulationResult:
+    """The same figures for a measured run: `timelines[rank]` is what the executor recorded (kind,
+    microbatch, chunk, start, end) for one step, in seconds of a clock shared by the ranks (perf_counter
+    on one machine); time 0 is the earliest start."""
+    origin = min(t[3] for timeline in timelines for t in timeline)
+    spans = tuple(tuple(ComputeSpan(rank, ActionKind(kind), mb, chunk, start - origin, end - origin)
+                        for kind, mb, chunk, start, end in timeline) for rank, timeline in enumerate(timelines))
+    makespan = max(s[-1].end for s in spans if s)
+    busy = tuple(sum(x.end - x.start for x in s) for s in spans)
+    return SimulationResult(
+        plan=plan, spans=spans, makespan=makespan, busy=busy, idle=tuple(makespan - b for b in busy),
+        bubble_fraction=sum(makespan - b for b in busy) / (plan.num_stages * makespan),
+        peak_in_flight=peak_in_flight(plan),
+        inner_idle=tuple((s[-1].end - s[0].start - b) if s else 0.0 for s, b in zip(spans, busy)),
+    )
+
+
+def mean_costs(timelines: list[list[tuple]]) -> dict[str, float]:
+    """Mean measured duration per compute kind ("F", "B", "I", "W") over all ranks and microbatches."""
+    durations: dict[str, list[float]] = {}
+    for timeline in timelines:
+        for kind, _, _, start, end in timeline:
+            durations.setdefault(kind, []).append(end - start)
+    return {kind: sum(d) / len(d) for kind, d in durations.items()}
+
+
 def _run_until_stuck(clock: _Clock) -> None:
     # Times depend only on data, not on the order ranks are visited, so a round-robin sweep that
     # advances each rank until it waits on a receive reaches the same answer as an event queue.

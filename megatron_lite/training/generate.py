@@ -37,7 +37,7 @@ def sample_tokens(chunks, plan: PipelinePlan, layout: ParallelLayout, prompt: li
             values, indices = torch.topk(logits / temperature, min(top_k, cfg.vocab_size))
             choice = torch.multinomial(torch.softmax(values, dim=-1).cpu(), 1, generator=generator)
             token[0] = indices[choice.to(indices.device)]
-        comm.broadcast(token, layout.pp, src_group_rank=layout.pp.size - 1)
+        comm.broadcast(token, layout.pp, src_group_rank=plan.location(plan.num_virtual_stages - 1)[0])
         produced.append(int(token))
         window = torch.cat([window[:, 1:], token.view(1, 1)], dim=1)
     for chunk in chunks:

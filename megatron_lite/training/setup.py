@@ -18,7 +18,8 @@ from megatron_lite.parallel import comm
 from megatron_lite.parallel.device import choose_device, rank_device, visible_gpus
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes, check_sizes
 from megatron_lite.models.partition import build_model_chunks, split_layers
-from megatron_lite.pipeline.schedules import PipelinePlan, build_schedule, forwards_precede_backwards
+from megatron_lite.pipeline.schedules import (ZERO_BUBBLE, PipelinePlan, build_schedule, forwards_precede_backwards,
+                                              schedule_mapping)
 from megatron_lite.training.config import RunConfig, check_values
 from megatron_lite.training.faults import injected_crash
 from megatron_lite.training.step import train_step
@@ -76,6 +77,9 @@ def check_run_config(cfg: RunConfig, world_size: int) -> None:
     if crash is not None and not crash.rank < world_size:
         raise ValueError(f"MEGATRON_LITE_CRASH_RANK={crash.rank} is not a rank of this {world_size}-rank job "
                          f"(0..{world_size - 1})")
+    if cfg.optim.backend == "deepspeed" and cfg.parallel.schedule in ZERO_BUBBLE:
+        raise ValueError(f"optim.backend=deepspeed runs fused backwards, parallel.schedule={cfg.parallel.schedule} splits "
+                         "them; use optim.backend=native or parallel.schedule=1f1b")
     if cfg.optim.backend == "deepspeed" and sizes.pp > 1:
         raise ValueError("optim.backend=deepspeed supports pp=1 only; use optim.backend=native with parallel.pp > 1")
     if cfg.optim.backend == "deepspeed" and cfg.trainer.precision == "fp16":
@@ -168,7 +172,8 @@ def build_chunks(cfg: RunConfig, layout: ParallelLayout) -> list:
     the serial random initialisation."""
     from_hf = cfg.model.path is not None
     chunks = build_model_chunks(cfg.model_config(), layout, cfg.seed, cfg.parallel.virtual_stages,
-                                cfg.parallel.layers_per_stage, options=cfg.build_options(), initialize=not from_hf)
+                                cfg.parallel.layers_per_stage, options=cfg.build_options(), initialize=not from_hf,
+                                mapping=schedule_mapping(cfg.parallel.schedule))
     if from_hf:
         from megatron_lite.interop.load import load_hf_weights
 
