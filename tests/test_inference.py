@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megatron_lite.inference import Generator, SamplingParams
+from megatron_lite.inference.engine import schedule_ticks, unit_at
 from megatron_lite.inference.kv_cache import KVCache
 from megatron_lite.models.config import MoEConfig, gpt2_config, llama_config
 from megatron_lite.models.partition import build_model_chunks
@@ -250,3 +251,35 @@ def test_moe_under_expert_parallelism(tp, pp, dp, ep):
     assert len(expected[0]) < 16 and all(len(t) == 16 for t in expected[1:])
     for tokens in run_on_ranks(moe_worker, tp * pp * dp, tp, pp, dp, ep, eos, timeout_s=120):
         assert tokens == expected
+
+
+@pytest.mark.parametrize("groups, stages", [(1, 1), (3, 1), (1, 2), (2, 2), (3, 2), (1, 4), (2, 4), (4, 4), (6, 4)])
+def test_pipelined_schedule(groups, stages):
+    """Every (step, group) unit visits the stages in order on consecutive ticks; a group's next step enters
+    only after its last token is known; with groups >= stages every stage works at every tick between its
+    first and last unit (with fewer, groups / stages of them). So at PP2 batch b in 2 groups takes 2K + 1
+    ticks of b/2 sequences for K tokens, one group 2K ticks of b: up to 2x the tokens/s where a stage's time
+    follows its batch and the stages have their own devices."""
+    steps = 5
+    ticks = schedule_ticks(groups, stages, steps)
+    visits = {}
+    for tick in range(ticks + stages + 2):
+        for rank in range(stages):
+            unit = unit_at(tick, rank, groups, stages, steps)
+            if unit is not None:
+                assert tick < ticks
+                visits.setdefault(unit, []).append((tick, rank))
+    assert set(visits) == {(k, g) for k in range(steps) for g in range(groups)}
+    for (k, g), path in visits.items():
+        first = path[0][0]
+        assert path == [(first + r, r) for r in range(stages)]
+        if k:
+            assert first > visits[(k - 1, g)][-1][0]  # the token of step k-1 is known
+    for rank in range(stages):
+        busy = [t for t in range(ticks) if unit_at(t, rank, groups, stages, steps) is not None]
+        window = busy[-1] - busy[0] + 1
+        assert len(busy) == steps * groups
+        if groups >= stages:  # no idle tick
+            assert len(busy) == window
+        else:  # busy `groups` ticks of every `stages`
+            assert window == (steps - 1) * stages + groups

@@ -81,6 +81,24 @@ def check_requests(prompts: list[list[int]], max_new_tokens: int, max_length: in
                              "lower max_new_tokens or raise the maximum length")
 
 
+def unit_at(tick: int, rank: int, groups: int, stages: int, steps: int, finished_at=None) -> tuple[int, int] | None:
+    """(step k, group g) that pipeline rank `rank` works on at `tick`, or None: unit (k, g) enters stage 0
+    at tick k*c + g, c = max(groups, stages), and stage r r ticks later; `finished_at[g]`: the step from
+    which group g has nothing left to do."""
+    j = tick - rank
+    if j < 0:
+        return None
+    k, g = divmod(j, max(groups, stages))
+    if g >= groups or k >= steps or (finished_at is not None and k >= finished_at[g]):
+        return None
+    return k, g
+
+
+def schedule_ticks(groups: int, stages: int, steps: int) -> int:
+    """Ticks until the last stage has finished every group's last step (no request ending early)."""
+    return (steps - 1) * max(groups, stages) + groups + stages - 1
+
+
 class Engine:
     """Generation over this rank's model chunk (one per pipeline rank) and its layout."""
 
@@ -139,18 +157,11 @@ class Engine:
         layout, p, r = self.layout, self.layout.pp.size, self.layout.pp.rank
         device, dtype = layout.device, self.stage.dtype
         groups = self._groups(prompts, m, max_length, params, request_ids)
-        c = max(m, p)
         start = time.perf_counter()
 
         def unit(tick: int, rank: int):
-            """(step, group) that `rank` works on at `tick`, or None."""
-            j = tick - rank
-            if j < 0:
-                return None
-            k, g = divmod(j, c)
-            if g >= m or k >= max_new_tokens or (k >= groups[g].finished_at and not self.lockstep):
-                return None
-            return k, g
+            finished = None if self.lockstep else [g.finished_at for g in groups]
+            return unit_at(tick, rank, m, p, max_new_tokens, finished)
 
         def input_shape(k, g):
             group = groups[g]
@@ -159,7 +170,7 @@ class Engine:
         received = None
         tick = 0
         running = (lambda: True) if self.lockstep else (lambda: any(g.finished_at == float("inf") for g in groups))
-        while running() and tick < (max_new_tokens - 1) * c + m + p:
+        while running() and tick < schedule_ticks(m, p, max_new_tokens):
             mine = unit(tick, r)
             sending = mine is not None and r < p - 1
             receiving = r > 0 and unit(tick, r - 1) is not None
