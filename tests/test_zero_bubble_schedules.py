@@ -118,3 +118,21 @@ def test_cli_shows_zero_bubble_schedules(cli, capsys):
     assert "peak activation memory: 4 microbatches" in out
     assert cli.main(["schedule=zb_h2"]) == 2
     assert "unknown schedule 'zb_h2'; choose one of gpipe, 1f1b, interleaved_1f1b, zb_h1, zbv" in capsys.readouterr().err
+
+
+def test_measured_timelines_read_like_simulations():
+    """A timeline in the executor's format that is the simulation itself gives back the simulator's
+    figures, and replaying its per-action durations reproduces it (with stage imbalance: the last rank's
+    forwards twice as long)."""
+    from megatron_lite.pipeline.simulate import measured, measured_costs
+
+    plan = build_schedule("zbv", 2, 4, 2)
+    costs = {(1, "F", mb, c): 2.0 for mb in range(4) for c in (0, 1)}
+    result = simulate(plan, 1, 2, action_costs=costs)
+    timelines = [[(s.kind.value, s.microbatch, s.chunk, s.start + 100.0, s.end + 100.0) for s in spans]
+                 for spans in result.spans]
+    again = measured(plan, timelines)
+    assert (again.makespan, again.bubble_fraction, again.inner_idle) == (result.makespan, result.bubble_fraction,
+                                                                          result.inner_idle)
+    assert simulate(plan, action_costs=measured_costs(timelines)).makespan == result.makespan
+    assert result.makespan > simulate(plan, 1, 2).makespan

@@ -131,7 +131,8 @@ class _Clock:
 
     def _compute(self, rank: int, action: Action) -> None:
         start = max(self.free_at[rank], self._inputs_ready_at(rank, action))
-        end = start + self.costs[action.kind]
+        cost = self.costs.get((rank, action.kind.value, action.microbatch, action.chunk))  # a measured action
+        end = start + (self.costs[action.kind] if cost is None else cost)
         self.free_at[rank] = end
         self.compute_end[rank][(action.kind, action.microbatch, action.chunk)] = end
         if action.kind is I:  # the input gradient exists, as after a B
@@ -148,12 +149,16 @@ def simulate(
     comm_cost: float = 0.0,
     input_cost: float | None = None,
     weight_cost: float | None = None,
+    action_costs: dict[tuple[int, str, int, int], float] | None = None,
 ) -> SimulationResult:
     """Start/end of every compute action, assuming a compute starts once the rank is free and
-    its inputs have arrived (a send lands ``comm_cost`` after its producer ends)."""
-    costs = {F: forward_cost, B: backward_cost,
-             I: backward_cost / 2 if input_cost is None else input_cost,
-             W: backward_cost / 2 if weight_cost is None else weight_cost}
+    its inputs have arrived (a send lands ``comm_cost`` after its producer ends). action_costs: the
+    cost of individual actions by (rank, kind, microbatch, chunk) (`measured_costs`), over the per-kind
+    ones."""
+    costs: dict = {F: forward_cost, B: backward_cost,
+                   I: backward_cost / 2 if input_cost is None else input_cost,
+                   W: backward_cost / 2 if weight_cost is None else weight_cost}
+    costs.update(action_costs or {})
     clock = _Clock(plan, costs, comm_cost)
     try:
         _run_until_stuck(clock)
@@ -194,6 +199,12 @@ def measured(plan: PipelinePlan, timelines: list[list[tuple]]) -> SimulationResu
         peak_in_flight=peak_in_flight(plan),
         inner_idle=tuple((s[-1].end - s[0].start - b) if s else 0.0 for s, b in zip(spans, busy)),
     )
+
+
+def measured_costs(timelines: list[list[tuple]]) -> dict[tuple[int, str, int, int], float]:
+    """Each recorded action's duration by (rank, kind, microbatch, chunk), for `simulate(action_costs=)`."""
+    return {(rank, kind, mb, chunk): end - start for rank, timeline in enumerate(timelines)
+            for kind, mb, chunk, start, end in timeline}
 
 
 def mean_costs(timelines: list[list[tuple]]) -> dict[str, float]:
