@@ -83,6 +83,14 @@ def test_padding_and_batching_never_change_a_sequence(serial):
                                                 **{**SAMPLED, "seed": 4}).tokens
 
 
+def test_equal_lengths_attend_without_a_mask(serial):
+    """Prompts of one length take the unmasked path (causal prefill, decode over every slot)."""
+    model, _, _ = serial["llama"]
+    prompts = [PROMPTS[0], PROMPTS[0][::-1], PROMPTS[3][:5]]
+    result = Generator(LLAMA, chunks=[model]).generate(prompts, max_new_tokens=16, eos_id=None, keep_logits=True)
+    check_against_recompute(model, prompts, result)
+
+
 def test_stop_at_eos_per_sequence(serial):
     _, greedy, _ = serial["llama"]
     eos = greedy.tokens[0][3]  # the 4th token of request 0 becomes its end

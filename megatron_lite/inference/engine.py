@@ -50,6 +50,7 @@ class Group:
         n = len(self.ids)
         self.tokens, self.done, self.logits = [[] for _ in range(n)], [False] * n, [[] for _ in range(n)]
         self.lengths = torch.tensor([len(p) for p in self.prompts])
+        self.aligned = len(set(map(len, self.prompts))) == 1  # equal lengths: attention needs no mask
 
 
 @dataclass
@@ -220,10 +221,11 @@ class Engine:
             used = int(group.lengths.max()) + k  # known here: no device sync to find it
             if self.stage.embedding is not None:
                 received = torch.tensor(group.last_tokens, device=device)[:, None]
+        aligned = group.aligned
         if not self.tp_overlap or b < 2:
-            return self.stage(received, cache=group.cache.step(positions, logit_rows, used))
+            return self.stage(received, cache=group.cache.step(positions, logit_rows, used, aligned))
         parts = [group.cache.rows(lo, hi).step(positions[lo:hi], None if logit_rows is None else logit_rows[lo:hi],
-                                               used) for lo, hi in ((0, b // 2), (b // 2, b))]
+                                               used, aligned) for lo, hi in ((0, b // 2), (b // 2, b))]
         return overlapped_forward(self.stage, received, parts)
 
     def _sample(self, group: Group, params: SamplingParams, local_logits: torch.Tensor, keep: bool) -> torch.Tensor:

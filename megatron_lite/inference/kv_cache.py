@@ -51,9 +51,10 @@ class KVCache:
         return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())
 
     def step(self, positions: torch.Tensor, logit_rows: torch.Tensor | None = None,
-             used: int | None = None) -> "CacheStep":
+             used: int | None = None, aligned: bool = False) -> "CacheStep":
         """The view one forward uses: new tokens at `positions` [b, s] (their slots); `used`: 1 + the
-        largest position, when the caller knows it (else read from `positions`, a device sync)."""
+        largest position, when the caller knows it (else read from `positions`, a device sync);
+        `aligned`: every row's positions are used - s .. used - 1 (equal lengths): no mask needed."""
         if positions.dim() != 2 or positions.shape[0] != self.batch:
             raise ValueError(f"positions must be [batch={self.batch}, new tokens], got {tuple(positions.shape)}")
         if used is None:
@@ -62,7 +63,7 @@ class KVCache:
                 raise ValueError(f"negative positions: {positions.tolist()}")
         if used > self.max_length:
             raise ValueError(f"positions up to {used - 1} do not fit a KV cache of {self.max_length} slots")
-        return CacheStep(self, positions, logit_rows, used)
+        return CacheStep(self, positions, logit_rows, used, aligned)
 
 
 @dataclass
@@ -73,12 +74,17 @@ class CacheStep:
     positions: torch.Tensor  # [b, s] long
     logit_rows: torch.Tensor | None  # [b]: the token per sequence whose logits the head computes
     used: int  # slots 0 .. used-1 may be attended to in this step
+    aligned: bool = False  # every row at positions used - s .. used - 1
 
     def __post_init__(self):
-        slots = torch.arange(self.used, device=self.positions.device)
-        # mask[b, 0, t, j]: query t of sequence b sees slot j <= its own position (causal, per sequence).
-        self.mask = (slots[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)
-        self.rows = torch.arange(self.positions.shape[0], device=self.positions.device)[:, None]
+        b, s = self.positions.shape
+        self.mask = None  # aligned rows: a decode step sees every slot, a prefill from 0 is causal
+        if not self.aligned or (s > 1 and s != self.used):
+            slots = torch.arange(self.used, device=self.positions.device)
+            # mask[b, 0, t, j]: query t of sequence b sees slot j <= its own position (causal, per sequence).
+            self.mask = (slots[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)
+        # Where each new key/value goes: along the slot dim, per row and token (one scatter per tensor).
+        self.slots = self.positions[:, None, :, None]
         self.rotations = {}  # RoPE's (cos, sin) of this step, the same in every layer
 
     def layer(self, layer_id: int) -> "LayerCache":
@@ -104,7 +110,7 @@ class LayerCache:
         values of slots 0..used-1 and the attention mask [b, 1, s, used]."""
         step = self.step
         keys, values = step.cache.keys[self.layer_id], step.cache.values[self.layer_id]
-        # Advanced indices around a slice: the indexed view is [b, s, kv heads, d].
-        keys[step.rows, :, step.positions] = k.transpose(1, 2).to(keys.dtype)
-        values[step.rows, :, step.positions] = v.transpose(1, 2).to(values.dtype)
+        index = step.slots.expand(k.shape)
+        keys.scatter_(2, index, k.to(keys.dtype))
+        values.scatter_(2, index, v.to(values.dtype))
         return keys[:, :, : step.used], values[:, :, : step.used], step.mask

@@ -145,12 +145,12 @@ class Attention(torch.nn.Module):
         """cache: None (training, and any forward over whole sequences), or one layer's KV cache for a
         prefill or decode step (inference/kv_cache.py): `rotation(rope, dtype)` -> RoPE's (cos, sin) at
         the new tokens' positions and `store(k, v)` -> (keys, values, mask) of every cached token each
-        new query may attend to."""
+        new query may attend to (mask None: all of them, or causally in a prefill from position 0)."""
+        if cache is not None:
+            return self.o_proj(self.cached_heads(x, cache))
         projections = (self.q_proj, self.k_proj, self.v_proj)
         q, k, v = (rearrange(y, "b s (h d) -> b h s d", d=self.head_dim) for y in column_parallel_linears(
             x, [p.weight for p in projections], [p.bias for p in projections], self.ctx.tp, self.ctx.sequence_parallel))
-        if cache is not None:
-            return self.o_proj(self._cached_heads(q, k, v, cache))
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
         if self.ctx.options.recompute == "selective":
@@ -162,17 +162,17 @@ class Attention(torch.nn.Module):
     def cached_heads(self, x, cache):
         """Inference: this rank's attention heads [b, s, local heads * d] over the KV cache, before o_proj."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = (rearrange(y, "b s (h d) -> b h s d", d=self.head_dim) for y in column_parallel_linears(
+        b, s = x.shape[:2]  # view/transpose rather than einops: a decode step is made of small operations
+        q, k, v = (y.view(b, s, -1, self.head_dim).transpose(1, 2) for y in column_parallel_linears(
             x, [p.weight for p in projections], [p.bias for p in projections], self.ctx.tp, False))
-        return self._cached_heads(q, k, v, cache)
-
-    def _cached_heads(self, q, k, v, cache):
         if self.rope is not None:
             cos_sin = cache.rotation(self.rope, q.dtype)
             q, k = self.rope(q, cos_sin=cos_sin), self.rope(k, cos_sin=cos_sin)
         k, v, mask = cache.store(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads > self.kv_heads)
-        return rearrange(out, "b h s d -> b s (h d)")
+        # No mask: every sequence at the same position (decode: all cached slots; prefill: causal).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
+                                             enable_gqa=self.heads > self.kv_heads)
+        return out.transpose(1, 2).reshape(b, s, -1)
 
     def core(self, q, k, v):
         """softmax(q k^T / sqrt(d)) v with causal mask: the part selective recomputation recomputes."""
