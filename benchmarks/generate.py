@@ -45,7 +45,8 @@ def prompts_for(args) -> list[list[int]]:
 def layout_worker(rank, world, tp, pp, groups, overlap, args):
     torch.set_num_threads(1)
     cfg = model_config(args)
-    layout = ParallelLayout.from_mesh(ParallelSizes(tp=tp, pp=pp)) if world > 1 else ParallelLayout.serial()
+    layout = (ParallelLayout.from_mesh(ParallelSizes(tp=tp, pp=pp)) if world > 1
+              else ParallelLayout.serial(device=args.device))
     generator = Generator(cfg, layout, build_model_chunks(cfg, layout, seed=0), tp_overlap=overlap)
     prompts = prompts_for(args)
     generator.generate(prompts, max_new_tokens=4, eos_id=None, groups=groups)  # warm-up
@@ -62,7 +63,8 @@ def run_layout(name, tp, pp, groups, overlap, args):
     world = tp * pp
     if world == 1:
         return layout_worker(0, 1, tp, pp, groups, overlap, args)
-    return run_on_ranks(layout_worker, world, tp, pp, groups, overlap, args, timeout_s=900)[0]
+    backend = "nccl" if args.device == "cuda" else "gloo"  # NCCL: one GPU per rank
+    return run_on_ranks(layout_worker, world, tp, pp, groups, overlap, args, timeout_s=900, backend=backend)[0]
 
 
 def cache_vs_recompute(args) -> dict:
@@ -74,7 +76,7 @@ def cache_vs_recompute(args) -> dict:
     n, window = args.recompute_tokens, args.recompute_window
     run = compose([f"model={args.recompute_model}", f"model.max_seq_len={window + n}",
                    f"trainer.seq_length={window}"])
-    cfg, layout = run.model_config(), ParallelLayout.serial()
+    cfg, layout = run.model_config(), ParallelLayout.serial(device=args.device)
     chunks = build_model_chunks(cfg, layout, seed=0)
     prompt = torch.randint(0, cfg.vocab_size, (window,), generator=torch.Generator().manual_seed(0)).tolist()
     generator = Generator(cfg, layout, chunks)
@@ -119,6 +121,8 @@ def main():
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
     parser.add_argument("--small", action="store_true", help="a smoke run: tiny model, few tokens")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the serial runs on GPU 0, multi-rank layouts on NCCL with one GPU per rank")
     args = parser.parse_args()
     if args.small:
         args.hidden, args.layers, args.heads, args.kv_heads, args.vocab = 64, 2, 4, 2, 256
@@ -126,7 +130,8 @@ def main():
         args.recompute_window, args.recompute_microbatches = 16, 2
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} KV), vocab "
           f"{args.vocab}, fp32; batch {args.batch}, prompts {args.prompt_len // 2}..{args.prompt_len} tokens, "
-          f"{args.new_tokens} new tokens, greedy, gloo on CPU, 1 thread per rank")
+          f"{args.new_tokens} new tokens, greedy, "
+          f"{'NCCL on GPUs' if args.device == 'cuda' else 'gloo on CPU, 1 thread per rank'}")
     rows, reference = [], None
     print(f"{'layout':<20}{'TTFT ms':>10}{'TPOT ms':>10}{'tokens/s':>10}{'KV MiB/rank':>13}")
     for name in args.layouts:
