@@ -39,9 +39,9 @@ class Group:
     prompts: list[list[int]]
     cache: KVCache
     generators: list[torch.Generator] | None
-    tokens: list[list[int]] = field(default_factory=list)  # generated, per request (up to and with EOS)
-    done: list[bool] = field(default_factory=list)
-    logits: list[list[torch.Tensor]] = field(default_factory=list)  # per request and step (last stage, if kept)
+    tokens: list[list[int]] = field(init=False)  # generated, per request (up to and with EOS)
+    done: list[bool] = field(init=False)
+    logits: list[list[torch.Tensor]] = field(init=False)  # per request and step (last stage, if kept)
     finished_at: float = float("inf")  # the step from which every request of the group has ended
     first_token_s: float | None = None
     last_tokens: list[int] = field(default_factory=list)  # the tokens the next decode step embeds
@@ -49,7 +49,7 @@ class Group:
     def __post_init__(self):
         n = len(self.ids)
         self.tokens, self.done, self.logits = [[] for _ in range(n)], [False] * n, [[] for _ in range(n)]
-        self.lengths = torch.tensor([len(p) for p in self.prompts])
+        self.lengths = torch.tensor([len(p) for p in self.prompts])  # prompt lengths (host)
         self.aligned = len(set(map(len, self.prompts))) == 1  # equal lengths: attention needs no mask
 
 
