@@ -113,3 +113,24 @@ def test_zb_h1_equals_1f1b_bitwise_in_every_precision(dtype):
     for out in run_on_ranks(_precision_worker, 2, dtype):
         (losses, params), (zb_losses, zb_params) = out["1f1b"], out["zb_h1"]
         assert losses == zb_losses and torch.equal(params, zb_params)
+
+
+def test_benchmark_reports_measured_and_predicted_bubble(tmp_path):
+    """benchmarks/pipeline_zero_bubble.py end to end on the smallest setting: our ZBV next to torch's
+    ScheduleZBVZeroBubble, one timed step, the measured bubble next to the simulator's."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "zb.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "pipeline_zero_bubble.py"), "--pp", "2", "--steps", "1",
+                    "--warmup", "0", "--rounds", "1", "--systems", "ours-zbv", "torch-zbv", "--json", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"ours-zbv", "torch-zbv"} and not result["failures"]
+    bubble = rows["ours-zbv"]["bubble"]
+    assert 0 <= bubble["measured_inner"] <= bubble["measured"] < 1 and 0 <= bubble["replayed"] < 1
+    assert [(q["ours"], q["peer"]) for q in result["ratios"]] == [("ours-zbv", "torch-zbv")]
