@@ -79,8 +79,8 @@ def test_padding_and_batching_never_change_a_sequence(serial):
     # Seeds are per request: request i of a batch draws from seed (3, i) wherever it runs.
     split = generator.generate(PROMPTS, max_new_tokens=MULTI_RANK_STEPS, eos_id=None, groups=3, **SAMPLED)
     assert split.tokens == sampled.tokens
-    assert sampled.tokens != generator.generate(PROMPTS, max_new_tokens=MULTI_RANK_STEPS, eos_id=None,
-                                                **{**SAMPLED, "seed": 4}).tokens
+    other_seed = generator.generate(PROMPTS, max_new_tokens=8, eos_id=None, **{**SAMPLED, "seed": 4}).tokens
+    assert [t[:8] for t in sampled.tokens] != other_seed
 
 
 def test_equal_lengths_attend_without_a_mask(serial):
