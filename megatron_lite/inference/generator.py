@@ -57,6 +57,9 @@ class Generator:
     def _build(self, run, seed: int | None):
         if run is None:
             return build_model_chunks(self.model_cfg, self.layout, seed or 0)
+        if run.parallel.virtual_stages != 1:
+            raise ValueError("generation runs one model chunk per pipeline rank: set parallel.virtual_stages=1 "
+                             "(a checkpoint saved with any layout loads)")
         options = replace(run.build_options(), sequence_parallel=False, recompute="none")
         from_hf = run.model.path is not None
         resume = run.checkpoint.resume_from
