@@ -1,5 +1,6 @@
 """Our MoE block against transformers' Mixtral block (one process), and our expert parallelism against
-EP1 and DeepSpeed's MoE layer (2 gloo ranks), with the all-to-all's share of the step.
+EP1 and DeepSpeed's MoE layer (2 gloo ranks), in a layer step and in our training step, with the
+all-to-all's share of the step.
 
 Block (one process, `--threads` torch threads): E=8 experts, top-2, Mixtral routing (fp32 softmax over
 all experts, top-k, the k weights renormalised to sum to 1), SwiGLU experts, no auxiliary loss, fp32,
@@ -14,8 +15,8 @@ experts) are checked against ours (max |a - b| / max |b| < 1e-5), so all compute
   hf-grouped-mm   the same block with experts_implementation="grouped_mm" (what a Mixtral model built by
                   transformers picks by default: sort by expert, torch._grouped_mm on the fused gate_up_proj)
 A timed call is forward + backward (a fixed output gradient, parameter gradients set to None first); the
-systems alternate (A B C D, D C B A, ...), and the table shows the median over `--repeats` calls. One
-extra call per system under torch.profiler gives the share of its CPU time spent in matrix products,
+systems alternate (A B C D, D C B A, ...), and the table shows the median over `--repeats` calls. Three
+extra calls per system under torch.profiler give the share of its CPU time spent in matrix products,
 and from it the "matmul floor": our matrix products' time over the peer's whole call (the ratio if all
 else cost nothing).
 
@@ -36,7 +37,15 @@ backward) and comm.exchange_counts for ours, deepspeed.comm.all_to_all_single an
 all_reduce (its counterpart of our counts exchange) for DeepSpeed, and adds the seconds spent inside
 them per step: the slowest rank's, a wall time that includes waiting for the other rank.
 
-    python benchmarks/moe.py [--repeats 10] [--steps 10] [--rounds 1] [--small] [--parts block ep] [--json out.json]
+Training step (2 processes, gloo, one thread each): megatron_lite's own train_step (build_model_chunks,
+build_optimizer, AdamW; dp=2, one micro batch of 8 sequences per rank) of a LLaMA-style model, 2 layers,
+hidden 256, 4 heads, sequence 128, vocabulary 1024, every feed-forward layer the MoE above (E=8, top-2,
+expert ffn 512, balancing loss 0.01), at ep=1 (ours-ep1-train: the expert gradients averaged over DP by
+the optimizer) and ep=2 (ours-ep2-train), alternating in the same processes; the all-to-all is timed as
+above, and both must reach the same loss after the same steps.
+
+    python benchmarks/moe.py [--repeats 10] [--steps 10] [--rounds 1] [--small] [--parts block ep train]
+                             [--json out.json]
 """
 
 from __future__ import annotations
@@ -62,9 +71,14 @@ SIZES = {"default": {"hidden": 512, "ffn": 1024, "tokens": 4096},
          "small": {"hidden": 64, "ffn": 128, "tokens": 256}}
 TOLERANCE = 1e-5
 WORLD = 2
+# The training-step part: a LLaMA-style model, every feed-forward layer this MoE, one micro batch per rank.
+TRAIN = {"vocab": 1024, "layers": 2, "heads": 4, "seq": 128}
+SIZES["default"].update(train_hidden=256, train_ffn=512, train_batch=16)
+SIZES["small"].update(train_hidden=64, train_ffn=128, train_batch=4)
 
 BLOCK_SYSTEMS = ("ours", "ours-loop", "hf-eager", "hf-grouped-mm")
 EP_SYSTEMS = ("ours-ep1", "ours-ep2", "deepspeed-ep2")
+TRAIN_SYSTEMS = ("ours-ep1-train", "ours-ep2-train")
 LABELS = {
     "ours": "megatron_lite MoEBlock (grouped_mm)",
     "ours-loop": "megatron_lite MoEBlock (loop)",
@@ -73,6 +87,8 @@ LABELS = {
     "ours-ep1": "megatron_lite DP2 EP1",
     "ours-ep2": "megatron_lite DP2 EP2",
     "deepspeed-ep2": "DeepSpeed MoE EP2",
+    "ours-ep1-train": "megatron_lite train_step DP2 EP1",
+    "ours-ep2-train": "megatron_lite train_step DP2 EP2",
 }
 
 
@@ -166,12 +182,13 @@ def forward_backward(module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tenso
 # ----------------------------------------------------------------------------- block, one process
 
 
-def matmul_share(fn) -> float:
-    """Share of one call's self CPU time spent in matrix products (what both sides cannot avoid)."""
+def matmul_share(fn, calls: int = 3) -> float:
+    """Share of `calls` calls' self CPU time spent in matrix products (what both sides cannot avoid)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
+        for _ in range(calls):
+            fn()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
@@ -216,10 +233,11 @@ def run_block(size: dict, repeats: int, warmup: int, threads: int) -> dict:
              "min_s": min(times[name]), "max_s": max(times[name]), "cpu_median_s": statistics.median(cpu[name]),
              "matmul_share": shares[name], "times_s": times[name], "check": checks[name]} for name in names]
     by = {r["system"]: r for r in rows}
-    # matmul_floor: ours' matrix products alone over the peer's whole call, the ratio with no other work.
+    # matmul_floor: ours' matrix products alone over the peer's whole call, the ratio with no other work
+    # (CPU times: one thread, so the same work as wall time, without the time other jobs take the core).
     ratios = [{"ours": ours, "peer": peer, "ratio": by[ours]["median_s"] / by[peer]["median_s"],
                "cpu_ratio": by[ours]["cpu_median_s"] / by[peer]["cpu_median_s"],
-               "matmul_floor": by[ours]["median_s"] * by[ours]["matmul_share"] / by[peer]["median_s"]}
+               "matmul_floor": by[ours]["cpu_median_s"] * by[ours]["matmul_share"] / by[peer]["cpu_median_s"]}
               for ours, peer in (("ours", "hf-grouped-mm"), ("ours", "hf-eager"), ("ours-loop", "hf-eager"),
                                  ("ours", "ours-loop"))]
     return {"rows": rows, "ratios": ratios, "threads": threads, "repeats": repeats, "warmup": warmup,
@@ -347,8 +365,51 @@ def build_deepspeed_ep(rank: int, world: int, size: dict) -> dict:
     return built
 
 
+def train_model_config(size: dict):
+    """A small LLaMA-style model whose feed-forward layers are all this MoE (aux loss 0.01, as moe_tiny)."""
+    from megatron_lite.models.config import llama_config
+
+    return llama_config(vocab_size=TRAIN["vocab"], hidden_size=size["train_hidden"], num_layers=TRAIN["layers"],
+                        num_heads=TRAIN["heads"], ffn_hidden_size=size["train_ffn"], max_seq_len=TRAIN["seq"],
+                        moe=dict(num_experts=EXPERTS, top_k=TOP_K, expert_ffn_hidden_size=size["train_ffn"],
+                                 router_order="softmax_topk", normalize_topk=True, aux_loss_coeff=0.01))
+
+
+def build_ours_train(rank: int, world: int, ep: int, size: dict) -> dict:
+    """megatron_lite's own training step (build_model_chunks + build_optimizer + train_step, AdamW), dp=2."""
+    from megatron_lite.optim import OptimizerConfig, build_optimizer
+    from megatron_lite.models.partition import build_model_chunks
+    from megatron_lite.parallel import comm
+    from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
+    from megatron_lite.pipeline.schedules import build_schedule
+    from megatron_lite.training.step import train_step
+
+    layout = ParallelLayout.from_mesh(ParallelSizes(dp=world, ep=ep), retain_host_memory=True)
+    chunks = build_model_chunks(train_model_config(size), layout, SEED)
+    optimizer = build_optimizer(chunks, layout, OptimizerConfig(lr=1e-4))
+    for name in ("all_to_all", "exchange_counts"):
+        CollectiveTimer.wrap(comm, name)
+    timer = CollectiveTimer()
+    g = torch.Generator().manual_seed(SEED)
+    batch = size["train_batch"]
+    data = torch.randint(0, TRAIN["vocab"], (batch, TRAIN["seq"] + 1), generator=g)
+    local = data.chunk(world)[rank]
+    tokens, targets = local[:, :-1].contiguous(), local[:, 1:].contiguous()
+    plan = build_schedule("1f1b", 1, 1)
+
+    def step():
+        CollectiveTimer.active = timer
+        try:
+            return train_step(chunks, optimizer, tokens, targets, layout, plan)[0]
+        finally:
+            CollectiveTimer.active = None
+
+    return {"step": step, "timer": timer, "params": sum(p.numel() for p in chunks[0].parameters())}
+
+
 _EP_BUILDERS = {"ours-ep1": (build_ours_ep, (1,)), "ours-ep2": (build_ours_ep, (2,)),
-                "deepspeed-ep2": (build_deepspeed_ep, ())}
+                "deepspeed-ep2": (build_deepspeed_ep, ()),
+                "ours-ep1-train": (build_ours_train, (1,)), "ours-ep2-train": (build_ours_train, (2,))}
 
 
 def run_ep(systems: list[str], size: dict, steps: int, warmup: int, rounds: int, timeout_s: float) -> dict:
@@ -359,7 +420,7 @@ def run_ep(systems: list[str], size: dict, steps: int, warmup: int, rounds: int,
         specs = [(name, _EP_BUILDERS[name][0], (*_EP_BUILDERS[name][1], size)) for name in order]
         for name, run in run_group(specs, WORLD, warmup, steps, threads=1, timeout_s=timeout_s).items():
             runs[name].append(run)
-            print(f"  round {round_} {LABELS[name]:<28} median {statistics.median(run['step_times_s']):.4f}s, CPU "
+            print(f"  round {round_} {LABELS[name]:<34} median {statistics.median(run['step_times_s']):.4f}s, CPU "
                   f"{statistics.median(run['cpu_s']):.4f}s/step, all-to-all {statistics.median(run['step_call_s']):.4f}s",
                   flush=True)
     rows = []
@@ -367,7 +428,8 @@ def run_ep(systems: list[str], size: dict, steps: int, warmup: int, rounds: int,
         row = summarize(name, LABELS[name], runs[name])
         row["all_to_all_median_s"] = row.pop("step_call_median_s")
         row["all_to_all_share"] = row["all_to_all_median_s"] / row["median_s"]
-        row["check_max_rel_diff"] = max(c for run in runs[name] for c in run["checks"])
+        checks = [c for run in runs[name] for c in run["checks"] if c is not None]
+        row["check_max_rel_diff"] = max(checks) if checks else None
         rows.append(row)
     by = {r["system"]: r for r in rows}
     # round_ratios: each round's two runs, which shared the processes and the machine's load.
@@ -375,13 +437,28 @@ def run_ep(systems: list[str], size: dict, steps: int, warmup: int, rounds: int,
                "cpu_ratio": by[ours]["cpu_median_s"] / by[peer]["cpu_median_s"],
                "round_ratios": [statistics.median(a["step_times_s"]) / statistics.median(b["step_times_s"])
                                 for a, b in zip(runs[ours], runs[peer])]}
-              for ours, peer in (("ours-ep2", "ours-ep1"), ("ours-ep2", "deepspeed-ep2")) if ours in by and peer in by]
+              for ours, peer in (("ours-ep2", "ours-ep1"), ("ours-ep2", "deepspeed-ep2"),
+                                 ("ours-ep2-train", "ours-ep1-train")) if ours in by and peer in by]
     return {"rows": rows, "ratios": ratios, "steps": steps, "warmup": warmup, "rounds": rounds, "world": WORLD,
             "threads_per_rank": 1,
-            "equivalence_passed": all(r["check_max_rel_diff"] < TOLERANCE for r in rows)}
+            "equivalence_passed": all(r["check_max_rel_diff"] is None or r["check_max_rel_diff"] < TOLERANCE
+                                      for r in rows)}
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def _print_ep(ep: dict) -> None:
+    print(f"{'system':<34} {'median s':>9} {'min s':>7} {'max s':>7} {'CPU s':>7} {'all-to-all s':>13} "
+          f"{'share':>6} {'rel diff':>9}")
+    for r in ep["rows"]:
+        check = "-" if r["check_max_rel_diff"] is None else f"{r['check_max_rel_diff']:.1e}"
+        print(f"{r['label']:<34} {r['median_s']:>9.4f} {r['min_s']:>7.4f} {r['max_s']:>7.4f} "
+              f"{r['cpu_median_s']:>7.4f} {r['all_to_all_median_s']:>13.4f} {r['all_to_all_share']:>6.1%} {check:>9}")
+    print(f"\n{'ratio, median step time (pooled); CPU time; per round':<80} {'ratio':>7} {'CPU':>7}  rounds")
+    for q in ep["ratios"]:
+        print(f"{_pair_label(q):<80} {q['ratio']:>7.3f} {q['cpu_ratio']:>7.3f}  "
+              f"{' '.join(f'{r:.3f}' for r in q['round_ratios'])}")
 
 
 def _pair_label(q: dict) -> str:
@@ -401,7 +478,7 @@ def _deepspeed_available() -> str | None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", choices=("block", "ep"), default=["block", "ep"])
+    parser.add_argument("--parts", nargs="+", choices=("block", "ep", "train"), default=["block", "ep", "train"])
     parser.add_argument("--small", action="store_true", help="hidden 64, ffn 128, 256 tokens: a smoke run")
     parser.add_argument("--repeats", type=int, default=10, help="timed forward+backward calls per block system")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls (block) / steps (EP) per system")
@@ -444,7 +521,8 @@ def main(argv=None) -> dict:
               f"{'matmul floor':>13}")
         for q in block["ratios"]:
             print(f"{_pair_label(q):<80} {q['ratio']:>7.3f} {q['cpu_ratio']:>7.3f} {q['matmul_floor']:>13.3f}")
-        print("matmul floor: our call's matrix-product time alone over the peer's whole call")
+        print("CPU: ratio of CPU seconds (one thread: the work, without the time other jobs hold the core); matmul "
+              "floor: our call's matrix-product CPU time alone over the peer's whole call")
 
     if "ep" in args.parts:
         systems = list(args.ep_systems)
@@ -457,19 +535,24 @@ def main(argv=None) -> dict:
               f"each), systems alternating in the same processes", flush=True)
         ep = result["ep"] = run_ep(systems, size, args.steps, args.warmup, args.rounds, args.timeout)
         ep["deepspeed_unavailable"] = reason
-        print(f"{'system':<30} {'median s':>9} {'min s':>7} {'max s':>7} {'CPU s':>7} {'all-to-all s':>13} "
-              f"{'share':>6} {'rel diff':>9}")
-        for r in ep["rows"]:
-            print(f"{r['label']:<30} {r['median_s']:>9.4f} {r['min_s']:>7.4f} {r['max_s']:>7.4f} "
-                  f"{r['cpu_median_s']:>7.4f} {r['all_to_all_median_s']:>13.4f} {r['all_to_all_share']:>6.1%} "
-                  f"{r['check_max_rel_diff']:>9.1e}")
-        print(f"\n{'ratio, median step time (pooled); CPU time; per round':<80} {'ratio':>7} {'CPU':>7}  rounds")
-        for q in ep["ratios"]:
-            print(f"{_pair_label(q):<80} {q['ratio']:>7.3f} {q['cpu_ratio']:>7.3f}  "
-                  f"{' '.join(f'{r:.3f}' for r in q['round_ratios'])}")
+        _print_ep(ep)
         if not ep["equivalence_passed"]:
             raise AssertionError(f"an EP system differs from the serial block: "
                                  f"{[(r['system'], r['check_max_rel_diff']) for r in ep['rows']]}")
+
+    if "train" in args.parts:
+        print(f"\ntraining step, {WORLD} gloo processes x 1 thread: LLaMA-style, {TRAIN['layers']} layers, hidden "
+              f"{size['train_hidden']}, every FFN this MoE (expert ffn {size['train_ffn']}, aux loss 0.01), seq "
+              f"{TRAIN['seq']}, {size['train_batch'] // WORLD} sequences per rank, AdamW; train_step, slowest rank, "
+              f"median of {args.rounds} x {args.steps} steps (after {args.warmup} each)", flush=True)
+        train = result["train"] = run_ep(list(TRAIN_SYSTEMS), size, args.steps, args.warmup, args.rounds, args.timeout)
+        losses = [r["loss"] for r in train["rows"]]
+        train["loss_rel_diff"] = abs(losses[1] - losses[0]) / abs(losses[0])
+        train["equivalence_passed"] = train["loss_rel_diff"] < TOLERANCE
+        _print_ep(train)
+        print(f"loss after the same steps: EP1 {losses[0]:.6f}, EP2 {losses[1]:.6f}")
+        if not train["equivalence_passed"]:
+            raise AssertionError(f"EP1 and EP2 trained differently: losses {losses}")
 
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
     return emit_result(result, args.json)

@@ -23,7 +23,8 @@ def test_pipeline_benchmark_paired_smoke(tmp_path):
 
 def test_moe_benchmark_small_smoke(tmp_path):
     """benchmarks/moe.py at its smallest: every system computes the same function as ours (checked
-    before timing), the EP systems agree with a serial block, and the all-to-all time is attributed."""
+    before timing), the EP systems agree with a serial block, EP1 and EP2 training steps reach the same
+    loss, and the all-to-all time is attributed."""
     out = tmp_path / "moe.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe.py"), "--small", "--repeats", "1", "--warmup", "1",
                     "--steps", "1", "--json", str(out)], check=True, timeout=300, capture_output=True, cwd=ROOT)
@@ -42,3 +43,7 @@ def test_moe_benchmark_small_smoke(tmp_path):
     assert rows["ours-ep1"]["all_to_all_median_s"] == 0.0  # EP1 exchanges nothing
     assert 0.0 < rows["ours-ep2"]["all_to_all_share"] < 1.0
     assert ("ours-ep2", "ours-ep1") in {(q["ours"], q["peer"]) for q in ep["ratios"]}
+    train = result["train"]
+    assert [r["system"] for r in train["rows"]] == ["ours-ep1-train", "ours-ep2-train"]
+    assert train["equivalence_passed"] and train["loss_rel_diff"] < 1e-5  # EP1 and EP2 train the same model
+    assert train["rows"][1]["all_to_all_median_s"] > 0.0
