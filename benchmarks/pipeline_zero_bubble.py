@@ -10,7 +10,8 @@ Measured bubble: our executor records every compute's busy span, from the moment
 arrived (`train_step(..., timeline=...)`); per timed step the idle share of the pipeline ranks' time,
 the median over the steps. Predicted: the simulator on the same plan with the measured mean cost of
 each compute kind (F, B or I and W) and no transfer time; replayed: the simulator with every action's
-own measured duration (stage imbalance included), so what remains is transfer time and overhead.
+own measured duration (stage imbalance included) and the measured median transfer latency, so what
+remains between it and the measurement is the executor's own overhead between computes.
 
     python benchmarks/pipeline_zero_bubble.py [--pp 2 4] [--steps 10] [--warmup 3] [--rounds 3] [--paired]
 """
@@ -136,7 +137,7 @@ def measured_bubbles(system: str, pp: int, runs: list[dict], steps: int) -> dict
     if not system.startswith("ours-"):
         return None
     from megatron_lite.pipeline.schedules import build_schedule
-    from megatron_lite.pipeline.simulate import mean_costs, measured, measured_costs, simulate
+    from megatron_lite.pipeline.simulate import mean_costs, measured, measured_comm_cost, measured_costs, simulate
 
     schedule = system.removeprefix("ours-")
     plan = build_schedule(schedule, pp, MICROBATCHES, _schedule_shape(schedule))
@@ -151,7 +152,8 @@ def measured_bubbles(system: str, pp: int, runs: list[dict], steps: int) -> dict
             costs = mean_costs(timelines)
             backward = costs.get("B", costs.get("I", 0.0) + costs.get("W", 0.0))
             predicted.append(simulate(plan, costs["F"], backward, 0.0, costs.get("I"), costs.get("W")).bubble_fraction)
-            replayed.append(simulate(plan, action_costs=measured_costs(timelines)).bubble_fraction)
+            replayed.append(simulate(plan, comm_cost=measured_comm_cost(plan, timelines),
+                                     action_costs=measured_costs(timelines)).bubble_fraction)
     return {"measured": statistics.median(fractions), "measured_inner": statistics.median(inner),
             "predicted": statistics.median(predicted), "replayed": statistics.median(replayed)}
 

@@ -136,3 +136,13 @@ def test_measured_timelines_read_like_simulations():
                                                                           result.inner_idle)
     assert simulate(plan, action_costs=measured_costs(timelines)).makespan == result.makespan
     assert result.makespan > simulate(plan, 1, 2).makespan
+
+
+def test_measured_comm_cost_is_the_transfer_latency():
+    from megatron_lite.pipeline.simulate import measured_comm_cost
+
+    plan = build_schedule("zb_h1", 2, 4)
+    result = simulate(plan, 1, 2, comm_cost=0.25)
+    timelines = [[(s.kind.value, s.microbatch, s.chunk, s.start, s.end) for s in spans] for spans in result.spans]
+    assert measured_comm_cost(plan, timelines) == 0.25
+    assert measured_comm_cost(plan, [[(k, mb, c, a, b) for k, mb, c, a, b in timelines[0]], []]) == 0.0

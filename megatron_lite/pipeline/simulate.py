@@ -207,6 +207,28 @@ def measured_costs(timelines: list[list[tuple]]) -> dict[tuple[int, str, int, in
             for kind, mb, chunk, start, end in timeline}
 
 
+def measured_comm_cost(plan: PipelinePlan, timelines: list[list[tuple]]) -> float:
+    """Median time from a message's producing compute ending on one rank to its consuming compute starting
+    on the next, over the computes that waited for it (started after their rank's previous compute ended):
+    the transfer latency to give `simulate` as comm_cost. 0.0 when no compute waited."""
+    end = {(rank, "B" if kind in ("B", "I") else kind, mb, chunk): e
+           for rank, timeline in enumerate(timelines) for kind, mb, chunk, _, e in timeline}
+    latencies = []
+    for rank, timeline in enumerate(timelines):
+        previous_end = None
+        for kind, mb, chunk, start, stop in timeline:
+            if kind != "W" and previous_end is not None and start > previous_end:
+                source = plan.stage_of(rank, chunk) + (-1 if kind == "F" else 1)
+                if 0 <= source < plan.num_virtual_stages:
+                    source_rank, source_chunk = plan.location(source)
+                    produced = end.get((source_rank, "F" if kind == "F" else "B", mb, source_chunk))
+                    if source_rank != rank and produced is not None and start > produced:
+                        latencies.append(start - produced)
+            previous_end = stop
+    latencies.sort()
+    return latencies[len(latencies) // 2] if latencies else 0.0
+
+
 def mean_costs(timelines: list[list[tuple]]) -> dict[str, float]:
     """Mean measured duration per compute kind ("F", "B", "I", "W") over all ranks and microbatches."""
     durations: dict[str, list[float]] = {}
