@@ -140,6 +140,7 @@ def write_jsonl(prompts: list[str], result: GenerationResult, path: str | None) 
 
 
 def report(result: GenerationResult, kv_bytes: list[int]) -> str:
-    per_rank = ", ".join(f"{rank}: {n / 2**20:.2f} MiB" for rank, n in enumerate(kv_bytes))
+    per_rank = ", ".join(f"{rank}: {n / 2**20:.2f} MiB" if n >= 2**20 else f"{rank}: {n / 2**10:.1f} KiB"
+                         for rank, n in enumerate(kv_bytes))
     return (f"time to first token {result.ttft_s * 1e3:.1f} ms | time per output token {result.tpot_s * 1e3:.2f} ms"
             f" | {result.tokens_per_s:.1f} tokens/s | KV cache per rank: {per_rank}")
