@@ -211,7 +211,8 @@ def test_moe_models_mixtral_cannot_hold_are_refused_for_export():
     for change, message in (({"num_shared_experts": 1}, "num_shared_experts=1"),
                             ({"layer_freq": 2}, r"MoE layers \[1, 3\]"),
                             ({"bias_update_rate": 0.001}, "routing bias"),
-                            ({"normalize_topk": False}, "without normalize_topk")):
+                            ({"normalize_topk": False}, "without normalize_topk"),
+                            ({"capacity_factor": 1.25}, "token dropping")):
         with pytest.raises(UnsupportedModel, match=message):
             Mapping(cfg.with_(moe=replace(cfg.moe, **change)))
 

@@ -219,6 +219,8 @@ def mixtral_mismatch(c: ModelConfig) -> str | None:
         return "router_order=softmax_topk without normalize_topk (Mixtral renormalises the top-k weights)"
     if moe.bias_update_rate:
         return f"bias_update_rate={moe.bias_update_rate}: a routing bias Mixtral does not have"
+    if moe.capacity_factor is not None:
+        return f"capacity_factor={moe.capacity_factor}: token dropping (Mixtral is dropless; set model.moe.capacity_factor=null)"
     return None
 
 
@@ -249,7 +251,7 @@ def family_of(cfg: ModelConfig) -> Family:
         reason = mixtral_mismatch(cfg) if _is_llama(cfg) else "a GPT-2-style architecture"
         raise UnsupportedModel(f"this mixture of experts has no Hugging Face family: {reason}; exportable are "
                                "Mixtral-style models (LLaMA attention, every layer MoE, no shared experts, softmax "
-                               "then top-k renormalised, no routing bias)")
+                               "then top-k renormalised, no routing bias, dropless)")
     raise UnsupportedModel(f"no Hugging Face family has this architecture (norm={cfg.norm}, activation={cfg.activation}, "
                            f"position={cfg.position}, bias={cfg.bias}): exportable are LLaMA (rmsnorm, swiglu, rope, "
                            "no bias) and GPT-2 (layernorm, gelu, learned, bias)")
