@@ -11,9 +11,8 @@ from dataclasses import replace
 
 from megatron_lite.models.config import BuildOptions, ModelConfig
 from megatron_lite.models.transformer import TransformerStage, build_model
-from megatron_lite.parallel.layout import ParallelLayout
+from megatron_lite.parallel.layout import ParallelLayout, stage_of
 from megatron_lite.parallel.sharding import spec_of
-from megatron_lite.pipeline.schedules import stage_of
 
 
 def check_layer_split(num_layers: int, num_stages: int, virtual_stages: int = 1) -> int:
@@ -63,7 +62,7 @@ def build_model_chunks(cfg: ModelConfig, layout: ParallelLayout, seed: int, virt
                        mapping: str = "loop") -> list[TransformerStage]:
     """This rank's model chunks (one per virtual stage it hosts), weights equal to the serial model's
     (initialize=False: left uninitialised for weights loaded next). mapping: how chunks map to virtual
-    stages, as the schedule needs (`schedules.schedule_mapping`)."""
+    stages, as the schedule needs (`pipeline.schedules.schedule_mapping`)."""
     p, rank = layout.pp.size, layout.pp.rank
     layers = split_layers(cfg.num_layers, p, virtual_stages, layers_per_stage)
     last = p * virtual_stages - 1

@@ -106,6 +106,24 @@ def stage_location(vstage: int, num_stages: int) -> tuple[int, int]:
     return vstage % num_stages, vstage // num_stages
 
 
+STAGE_MAPPINGS = ("loop", "v")  # Megatron's numbering above, or ZBV's V (two chunks per rank)
+
+
+def stage_of(rank: int, chunk: int, num_stages: int, mapping: str = "loop") -> int:
+    """The virtual stage of model chunk `chunk` on pipeline rank `rank`: "loop" as `virtual_stage`; "v":
+    chunk 0 is stage `rank`, chunk 1 stage 2p - 1 - rank (the last rank holds the V's turn)."""
+    if mapping == "v":
+        return rank if chunk == 0 else 2 * num_stages - 1 - rank
+    return virtual_stage(rank, chunk, num_stages)
+
+
+def location(stage: int, num_stages: int, mapping: str = "loop") -> tuple[int, int]:
+    """(pipeline rank, chunk) that hosts virtual stage `stage` under `mapping` (see `stage_of`)."""
+    if mapping == "v":
+        return (stage, 0) if stage < num_stages else (2 * num_stages - 1 - stage, 1)
+    return stage_location(stage, num_stages)
+
+
 def group_ranks(sizes: ParallelSizes, rank: int, name: str) -> tuple[int, ...]:
     """The global ranks of the group `name` that `rank` belongs to, in group-rank order (closed form:
     the reference the DeviceMesh groups are tested against)."""

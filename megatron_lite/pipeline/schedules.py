@@ -23,7 +23,8 @@ import functools
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from megatron_lite.parallel.layout import stage_location, virtual_stage  # noqa: F401 - part of this API
+from megatron_lite.parallel.layout import (location, stage_location, stage_of,  # noqa: F401 - part of this API
+                                           virtual_stage)
 
 
 class ActionKind(str, Enum):
@@ -107,19 +108,6 @@ class PipelinePlan:
         return location(stage, self.num_stages, self.mapping)
 
 
-MAPPINGS = ("loop", "v")
-
-
-def stage_of(rank: int, chunk: int, num_stages: int, mapping: str = "loop") -> int:
-    if mapping == "v":
-        return rank if chunk == 0 else 2 * num_stages - 1 - rank
-    return virtual_stage(rank, chunk, num_stages)
-
-
-def location(stage: int, num_stages: int, mapping: str = "loop") -> tuple[int, int]:
-    if mapping == "v":
-        return (stage, 0) if stage < num_stages else (2 * num_stages - 1 - stage, 1)
-    return stage_location(stage, num_stages)
 
 
 _FORWARD_KINDS = frozenset({ActionKind.FORWARD, ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION})
