@@ -18,6 +18,7 @@ from megatron_lite.checkpoint import CheckpointError
 from megatron_lite.inference.cli import check, generate_rank, split_config
 from megatron_lite.parallel.device import choose_device, visible_gpus
 from megatron_lite.parallel.spawn import RankFailure, run_on_ranks
+from megatron_lite.training.setup import resolve_data_parallel
 from megatron_lite.training.launch import (distributed_env, init_from_env, leave_process_group, ranks_on_this_node,
                                            register_resolvers)
 
@@ -31,9 +32,10 @@ def _fail(message: str, code: int) -> None:
 def main(composed: DictConfig) -> None:
     try:
         cfg, options = split_config(composed)
+        env = distributed_env()
+        cfg = resolve_data_parallel(cfg, env.world_size if env else None)
         prompts = check(cfg, options)
         world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
-        env = distributed_env()
         if env and env.world_size != world:
             raise ValueError(f"the launcher started {env.world_size} processes but parallel.tp*pp*dp = {world}")
         device = choose_device(cfg.parallel.device, ranks_on_this_node(env) if env else world, visible_gpus())

@@ -70,7 +70,7 @@ def read_prompts(options: GenerateOptions) -> list[str]:
 
 def check(cfg: RunConfig, options: GenerateOptions) -> list[str]:
     """Everything checkable before a process starts; returns the prompts."""
-    sizes = ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp or 1, ep=cfg.parallel.ep)
+    sizes = ParallelSizes(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp, ep=cfg.parallel.ep)
     check_sizes(sizes, sizes.world_size)
     model = cfg.model_config()
     check_model_fits_layout(model, sizes)

@@ -110,11 +110,14 @@ class Engine:
             raise ValueError(f"generation runs one model chunk per pipeline rank, got {len(chunks)} "
                              "(parallel.virtual_stages must be 1)")
         self.stage, self.layout = chunks[0], layout
-        self.tp_overlap = tp_overlap and layout.tp.size > 1
         self.cfg = self.stage.cfg
         # MoE layers under EP exchange tokens with the other replicas of the EP group at every forward: those
         # replicas run every step, all of them, even for requests that have ended (no early stop).
         self.lockstep = layout.group("ep").size > 1 and self.cfg.moe is not None
+        # The overlap cuts a batch in two only when it has two rows; replicas with different batch sizes
+        # would then run different numbers of EP exchanges: never under lockstep.
+        self.tp_overlap = tp_overlap and layout.tp.size > 1 and not self.lockstep
+        self._p2p_started = False
         if self.stage.options.sequence_parallel and layout.tp.size > 1:
             raise ValueError("generation does not run with sequence parallelism; set parallel.sequence_parallel=false")
 
@@ -158,6 +161,11 @@ class Engine:
         layout, p, r = self.layout, self.layout.pp.size, self.layout.pp.rank
         device, dtype = layout.device, self.stage.dtype
         groups = self._groups(prompts, m, max_length, params, request_ids)
+        if p > 1 and not self._p2p_started:
+            # NCCL wants every rank of a group in its first batched P2P call; at tick 0 only the first two
+            # stages transfer. One barrier first makes the later ticks' partial calls safe.
+            comm.barrier()
+            self._p2p_started = True
         start = time.perf_counter()
 
         def unit(tick: int, rank: int):

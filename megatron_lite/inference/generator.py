@@ -15,7 +15,7 @@ from typing import Callable
 
 from megatron_lite.inference.engine import Engine, EngineOutput
 from megatron_lite.inference.sampling import SamplingParams
-from megatron_lite.models.config import BuildOptions, ModelConfig, check_model_fits_layout
+from megatron_lite.models.config import ModelConfig, check_model_fits_layout
 from megatron_lite.models.partition import build_model_chunks
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.layout import ParallelLayout
@@ -118,12 +118,15 @@ class Generator:
         return self._result(out, texts)
 
     def _result(self, out: EngineOutput, texts: bool) -> GenerationResult:
-        parts = comm.all_gather_object((out.tokens, out.total_s), self.layout.dp)
-        tokens = [t for part, _ in parts for t in part]
-        slowest = max(total for _, total in parts)
+        # Logits too (on the last stage, if kept), so that result.logits[i] is the logits of result.tokens[i].
+        kept = None if out.logits is None else [[step.cpu() for step in request] for request in out.logits]
+        parts = comm.all_gather_object((out.tokens, out.total_s, kept), self.layout.dp)
+        tokens = [t for part, _, _ in parts for t in part]
+        logits = None if kept is None else [request for _, _, part in parts for request in part]
+        slowest = max(total for _, total, _ in parts)
         produced = sum(len(t) for t in tokens)
         steps = max(len(t) for t in out.tokens)  # decode steps this replica ran, the first token's prefill aside
         tpot = (out.total_s - out.ttft_s) / (steps - 1) if steps > 1 else 0.0
         decoded = [self.tokenizer.decode([i for i in t if i != self.eos_id]) for t in tokens] if texts else None
         return GenerationResult(tokens, decoded, out.ttft_s, tpot,
-                                produced / slowest if slowest > 0 else 0.0, out.kv_cache_bytes, out.logits)
+                                produced / slowest if slowest > 0 else 0.0, out.kv_cache_bytes, logits)
