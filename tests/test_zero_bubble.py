@@ -76,7 +76,7 @@ def test_measured_timeline_and_dp_sync_overlapped_with_w(schedule, v):
     assert 0 <= result.inner_bubble_fraction <= result.bubble_fraction < 1
 
 
-def _precision_worker(rank, world, dtype_name):
+def _precision_worker(rank, world, dtype_name, model="gpt2_deep"):
     import torch
 
     from equivalence import SEED, TINY_MODELS, global_batches
@@ -89,7 +89,7 @@ def _precision_worker(rank, world, dtype_name):
 
     dtype = getattr(torch, dtype_name)
     layout = ParallelLayout.from_mesh(ParallelSizes(pp=2))
-    cfg = TINY_MODELS["gpt2_deep"]
+    cfg = TINY_MODELS[model]
     out = {}
     for schedule in ("1f1b", "zb_h1"):
         chunks = build_model_chunks(cfg, layout, SEED, options=BuildOptions(dtype=dtype))
@@ -101,16 +101,18 @@ def _precision_worker(rank, world, dtype_name):
     return out
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_zb_h1_equals_1f1b_bitwise_in_every_precision(dtype):
+@pytest.mark.parametrize("dtype, model", [("float32", "gpt2_deep"), ("bfloat16", "gpt2_deep"), ("float16", "gpt2_deep"),
+                                          ("float32", "moe")])
+def test_zb_h1_equals_1f1b_bitwise_in_every_precision(dtype, model):
     """Split backwards compute every gradient with the same operations as the fused ones and accumulate
     them microbatch by microbatch in the same order: with fp32, bf16 (fp32 master weights) and fp16 (loss
-    scaling), clipping on, ZB-H1 trains exactly what 1F1B trains on the same layout."""
+    scaling), clipping on, and for a mixture of experts (expert gradients held from I to W, balancing
+    and z losses), ZB-H1 trains exactly what 1F1B trains on the same layout."""
     import torch
 
     from megatron_lite.parallel.spawn import run_on_ranks
 
-    for out in run_on_ranks(_precision_worker, 2, dtype):
+    for out in run_on_ranks(_precision_worker, 2, dtype, model):
         (losses, params), (zb_losses, zb_params) = out["1f1b"], out["zb_h1"]
         assert losses == zb_losses and torch.equal(params, zb_params)
 
