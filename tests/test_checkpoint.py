@@ -28,7 +28,7 @@ from megatron_lite.optim import OptimizerConfig, build_optimizer
 from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes
 from megatron_lite.parallel.spawn import RankFailure, run_on_ranks
 from megatron_lite.models.partition import build_model_chunks
-from megatron_lite.pipeline.schedules import build_schedule
+from megatron_lite.pipeline.schedules import build_schedule, schedule_mapping
 from megatron_lite.training.step import train_step
 
 MODEL = llama_config(vocab_size=101, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -44,23 +44,26 @@ class Run:
     dp: int = 1
     zero1: bool = False
     microbatches: int = 1
+    schedule: str = "1f1b"  # zbv: two chunks per rank in a V, the tied embedding shared on rank 0
 
     @property
     def world(self) -> int:
         return self.tp * self.pp * self.dp
 
     def __str__(self) -> str:
-        return f"tp{self.tp}_pp{self.pp}_dp{self.dp}" + ("_zero1" if self.zero1 else "")
+        return (f"tp{self.tp}_pp{self.pp}_dp{self.dp}" + ("_zero1" if self.zero1 else "")
+                + (f"_{self.schedule}" if self.schedule != "1f1b" else ""))
 
 
 SAVED = Run(tp=2, pp=2, dp=2, zero1=True, microbatches=2)
 
 
 def _setup(run: Run, layout: ParallelLayout):
-    chunks = build_model_chunks(MODEL, layout, SEED)
+    v = 2 if run.schedule == "zbv" else 1
+    chunks = build_model_chunks(MODEL, layout, SEED, v, mapping=schedule_mapping(run.schedule))
     optimizer = build_optimizer(chunks, layout, OptimizerConfig(lr=LR, eps=ADAM_EPS, weight_decay=0.1,
                                                                 zero1=run.zero1, bucket_size_mb=BUCKET_MB))
-    return chunks, optimizer, build_schedule("1f1b", layout.pp.size, run.microbatches)
+    return chunks, optimizer, build_schedule(run.schedule, layout.pp.size, run.microbatches, v)
 
 
 def _local_state(chunks, optimizer) -> dict:
@@ -194,6 +197,7 @@ def test_exact_resume_same_layout(saved):
 @pytest.mark.parametrize("run", [
     Run(tp=4, pp=1, dp=1, microbatches=1),  # TP 2->4 (KV heads replicated), PP 2->1, DP 2->1, ZeRO off
     Run(tp=1, pp=4, dp=2, zero1=True, microbatches=4),  # TP 2->1, PP 2->4, ZeRO-1 ranges all different
+    Run(tp=1, pp=2, dp=2, zero1=True, microbatches=2, schedule="zbv"),  # the V: both ends of the model on rank 0
 ], ids=str)
 def test_load_under_another_layout(saved, serial, run, equivalence_report):
     """Weights and optimizer state after loading equal the saved ones exactly; the next two steps give
