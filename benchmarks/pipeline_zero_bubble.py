@@ -1,4 +1,4 @@
-"""Our zero-bubble pipelines (ZB-H1, ZBV) and 1F1B against torch.distributed.pipelining's Schedule1F1B,
+"""Our zero-bubble pipelines (ZB-H1, ZBV; ZB-H2 with --systems) and 1F1B against torch.distributed.pipelining's Schedule1F1B,
 ScheduleInterleavedZeroBubble and ScheduleZBVZeroBubble, with the measured bubble next to the simulator's.
 
 The model, batch, optimizer and timing are those of `pipeline_1f1b.py` (GPT-2, 8 layers, hidden 256,
@@ -36,12 +36,13 @@ from pipeline_1f1b import (HEADS, HIDDEN, LAYERS, LR, MICROBATCHES, SEED, SEQ, V
 LABELS = {
     "ours-1f1b": "megatron_lite 1f1b",
     "ours-zb_h1": "megatron_lite zb_h1",
+    "ours-zb_h2": "megatron_lite zb_h2",
     "ours-zbv": "megatron_lite zbv",
     "torch-1f1b": "torch Schedule1F1B",
     "torch-izb": "torch ScheduleInterleavedZeroBubble",
     "torch-zbv": "torch ScheduleZBVZeroBubble",
 }
-SYSTEMS = tuple(LABELS)
+SYSTEMS = tuple(s for s in LABELS if s != "ours-zb_h2")  # ZB-H2 (2p-1 microbatches in flight) on request
 PAIRS = (("ours-zbv", "torch-1f1b"), ("ours-zb_h1", "torch-1f1b"), ("ours-1f1b", "torch-1f1b"),
          ("ours-zbv", "torch-zbv"), ("ours-zb_h1", "torch-izb"), ("ours-zbv", "torch-izb"))
 KEEP_TIMELINES = 64  # most recent steps whose timelines a rank keeps
@@ -125,6 +126,7 @@ def build_torch_multi(rank: int, world: int, style: str) -> dict:
 _BUILDERS = {
     "ours-1f1b": (build_ours, ("1f1b",)),
     "ours-zb_h1": (build_ours, ("zb_h1",)),
+    "ours-zb_h2": (build_ours, ("zb_h2",)),
     "ours-zbv": (build_ours, ("zbv",)),
     "torch-1f1b": (build_torch, ()),
     "torch-izb": (build_torch_multi, ("loop",)),

@@ -3,6 +3,7 @@
     python scripts/schedule.py schedule=1f1b pp=4 microbatches=8 png=1f1b.png
     python scripts/schedule.py schedule=interleaved_1f1b pp=4 microbatches=8 virtual_stages=2
     python scripts/schedule.py schedule=zb_h1 pp=4 microbatches=8
+    python scripts/schedule.py schedule=zb_h2 pp=4 microbatches=8
     python scripts/schedule.py schedule=zbv pp=4 microbatches=8 virtual_stages=2
 """
 
@@ -34,7 +35,7 @@ from megatron_lite.pipeline.validate import validate_plan
 
 @dataclass
 class ScheduleCliConfig:
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zb_h1 | zbv
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zb_h1 | zb_h2 | zbv
     pp: int = 4
     microbatches: int = 8
     virtual_stages: int = 1

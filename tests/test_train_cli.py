@@ -32,7 +32,7 @@ BAD_CONFIGS = [
     ("parallel.dp=null", "parallel.dp=null needs a launcher"),
     ("parallel.tp=3", "model.num_heads=4 is not divisible by parallel.tp=3"),
     ("parallel.schedule=zigzag", "parallel.schedule='zigzag' is not allowed; choose one of ['gpipe', '1f1b', "
-                                 "'interleaved_1f1b', 'zb_h1', 'zbv']"),
+                                 "'interleaved_1f1b', 'zb_h1', 'zb_h2', 'zbv']"),
     ("parallel.pp=2 parallel.schedule=zbv", "zbv runs two model chunks per rank in a V, got virtual_stages=1; "
                                             "use virtual_stages=2"),
     ("parallel.pp=4 parallel.schedule=zbv parallel.virtual_stages=2", "num_layers=4 cannot be split into "

@@ -1,4 +1,4 @@
-"""Zero-bubble schedules (ZB-H1, ZBV) train the same model as one process (fp32, 1e-5, three steps):
+"""Zero-bubble schedules (ZB-H1, ZB-H2, ZBV) train the same model as one process (fp32, 1e-5, three steps):
 PP2, PP4, PP2xDP2, PP2xTP2; fewer microbatches than stages, as many, and a count that is no multiple;
 recomputation on and off; ZeRO-1; NCCL's in-order semantics emulated on gloo."""
 
@@ -10,6 +10,7 @@ from test_equivalence import check_case
 
 CASES = (
     [Case("gpt2_deep", pp=p, microbatches=m, schedule="zb_h1") for p, m in ((2, 1), (2, 3), (4, 4), (4, 6))]
+    + [Case("gpt2_deep", pp=p, microbatches=m, schedule="zb_h2") for p, m in ((2, 1), (2, 4), (4, 3), (4, 8))]
     + [Case("gpt2_deep", pp=p, microbatches=m, schedule="zbv", virtual_stages=2)
        for p, m in ((2, 1), (2, 2), (2, 3), (4, 3), (4, 6))]
     + [

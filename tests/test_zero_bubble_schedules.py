@@ -15,7 +15,7 @@ def _zb(name, p, m):
     return build_schedule(name, p, m, 2 if name == "zbv" else 1)
 
 
-@pytest.mark.parametrize("name", ["zb_h1", "zbv"])
+@pytest.mark.parametrize("name", ["zb_h1", "zb_h2", "zbv"])
 @pytest.mark.parametrize("p", [1, 2, 3, 4])
 def test_plans_validate_on_every_transport(name, p):
     for m in range(1, 2 * p + 3):  # m < p, m = p, m not a multiple of p
@@ -44,6 +44,20 @@ def test_published_figures_with_equal_costs(p, m):
         assert sum(zbv.inner_idle) > 0  # too few microbatches to fill the V (p=4, m=4)
     memory = peak_activation_memory(build_schedule("1f1b", p, m))
     assert peak_activation_memory(zb_h1.plan) == memory == peak_activation_memory(zbv.plan) == min(p, m)
+
+
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("m", [4, 8, 16])
+def test_zb_h2_is_a_parallelogram_with_twice_the_memory(p, m):
+    """Equal costs: no idle time inside any rank's span once m >= 2p - 1 (the published zero bubble), the
+    makespan the start-up ramp plus the work, and 2p - 1 microbatches' activations at most (1F1B: p)."""
+    zb_h2 = simulate(build_schedule("zb_h2", p, m), 1, 2)
+    if m >= 2 * p - 1:
+        assert sum(zb_h2.inner_idle) == 0 and zb_h2.makespan == 3 * m + p - 1
+        assert peak_activation_memory(zb_h2.plan) == 2 * p - 1
+    else:
+        assert 0 < sum(zb_h2.inner_idle) < sum(simulate(build_schedule("zb_h1", p, m), 1, 2).inner_idle)
+        assert peak_activation_memory(zb_h2.plan) <= min(m, 2 * p - 1)
 
 
 def test_zb_h1_order_postpones_weights_by_rank():
@@ -96,7 +110,8 @@ def test_b_mixed_with_i_is_rejected():
     ("zbv", 1, "zbv runs two model chunks per rank in a V, got virtual_stages=1; use virtual_stages=2"),
     ("zbv", 3, "got virtual_stages=3; use virtual_stages=2"),
     ("zb_h1", 2, "zb_h1 runs one model chunk per rank, got virtual_stages=2"),
-    ("zb_h2", 1, "unknown schedule 'zb_h2'; choose one of gpipe, 1f1b, interleaved_1f1b, zb_h1, zbv"),
+    ("zb_h3", 1, "unknown schedule 'zb_h3'; choose one of gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_h2, zbv"),
+    ("zb_h2", 2, "zb_h2 runs one model chunk per rank, got virtual_stages=2"),
 ])
 def test_bad_arguments(name, v, message):
     with pytest.raises(ValueError, match=message):
@@ -116,8 +131,9 @@ def test_cli_shows_zero_bubble_schedules(cli, capsys):
     out = capsys.readouterr().out
     assert "start-up ramp left out) 0.0000" in out and "'3ww' its weight gradients" in out
     assert "peak activation memory: 4 microbatches" in out
-    assert cli.main(["schedule=zb_h2"]) == 2
-    assert "unknown schedule 'zb_h2'; choose one of gpipe, 1f1b, interleaved_1f1b, zb_h1, zbv" in capsys.readouterr().err
+    assert cli.main(["schedule=zb_h3"]) == 2
+    assert "unknown schedule 'zb_h3'; choose one of gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_h2, zbv" in \
+        capsys.readouterr().err
 
 
 def test_measured_timelines_read_like_simulations():

@@ -111,7 +111,7 @@ class PipelinePlan:
 
 
 _FORWARD_KINDS = frozenset({ActionKind.FORWARD, ActionKind.SEND_ACTIVATION, ActionKind.RECV_ACTIVATION})
-ZERO_BUBBLE = ("zb_h1", "zbv")  # schedules that split backwards into I and W
+ZERO_BUBBLE = ("zb_h1", "zb_h2", "zbv")  # schedules that split backwards into I and W
 
 
 @functools.lru_cache(maxsize=32)
@@ -142,6 +142,7 @@ def build_schedule(
         "1f1b": lambda rank: _one_f_one_b_compute_order(p, m, rank),
         "interleaved_1f1b": lambda rank: _interleaved_compute_order(p, m, v, rank),
         "zb_h1": lambda rank: zero_bubble.zb_h1_compute_order(p, m, rank),
+        "zb_h2": lambda rank: zero_bubble.zb_h2_compute_order(p, m, rank),
         "zbv": lambda rank: zero_bubble.zbv_compute_order(p, m, rank),
     }[name]
     mapping = schedule_mapping(name)

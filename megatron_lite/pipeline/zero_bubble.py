@@ -13,9 +13,16 @@ communication and returns the plan; these functions only order the computes of o
   the V around locally); the paper's Section 6 order (as torch's ScheduleZBVZeroBubble builds it): a
   warmup of chunk-0 forwards, then F/I/W of both chunks in turn, then the remaining I's and W's.
   Built for max(m, 2p-1) microbatches and cut to m, so any m >= 1 works.
+- ZB-H2: the paper's zero-bubble schedule with twice 1F1B's memory: rank r runs up to 2(p-r)-1
+  forwards ahead of their I, and at most 2p-1 microbatches wait for their W, so the first ranks fill the
+  start-up with extra forwards and every rank defers W's into the tail. Ordered by list scheduling with
+  equal unit costs (an I as soon as its gradient is there, else a forward within those limits, else a
+  W): for m >= 2p-1 the ranks form a parallelogram, each busy from its first forward to its end.
 """
 
 from __future__ import annotations
+
+import functools
 
 from megatron_lite.pipeline.schedules import Action, ActionKind
 
@@ -74,3 +81,33 @@ def zbv_compute_order(p: int, m: int, rank: int) -> list[Action]:
     while counts[(W, 0)] < counts[(I, 0)]:
         emit(W, 0)
     return [a for a in order if a.microbatch < m]
+
+
+def zb_h2_compute_order(p: int, m: int, rank: int) -> list[Action]:
+    return list(_zb_h2_orders(p, m)[rank])
+
+
+@functools.lru_cache(maxsize=64)
+def _zb_h2_orders(p: int, m: int) -> tuple[tuple[Action, ...], ...]:
+    forwards, inputs, weights = [0] * p, [0] * p, [0] * p
+    forward_done: set[tuple[int, int]] = set()  # (rank, microbatch) finished before the current tick
+    input_done: set[tuple[int, int]] = set()
+    orders: list[list[Action]] = [[] for _ in range(p)]
+    while any(n < m for n in weights):
+        new_forwards, new_inputs = [], []
+        for r in range(p):
+            if inputs[r] < forwards[r] and (r == p - 1 or (r + 1, inputs[r]) in input_done):
+                orders[r].append(Action(I, inputs[r]))
+                new_inputs.append((r, inputs[r]))
+                inputs[r] += 1
+            elif (forwards[r] < m and (r == 0 or (r - 1, forwards[r]) in forward_done)
+                  and forwards[r] - inputs[r] < 2 * (p - r) - 1 and forwards[r] - weights[r] < 2 * p - 1):
+                orders[r].append(Action(F, forwards[r]))
+                new_forwards.append((r, forwards[r]))
+                forwards[r] += 1
+            elif weights[r] < inputs[r]:
+                orders[r].append(Action(W, weights[r]))
+                weights[r] += 1
+        forward_done.update(new_forwards)
+        input_done.update(new_inputs)
+    return tuple(tuple(order) for order in orders)

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megatron_lite.models.config import RECOMPUTE, BuildOptions, ModelConfig
 from megatron_lite.parallel.device import DEVICES
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")  # pipeline/schedules.py SCHEDULE_NAMES
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_h2", "zbv")  # pipeline/schedules.py SCHEDULE_NAMES
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZER_BACKENDS = ("native", "deepspeed")
 WANDB_MODES = ("online", "offline", "disabled")
