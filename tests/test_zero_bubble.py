@@ -137,3 +137,15 @@ def test_benchmark_reports_measured_and_predicted_bubble(tmp_path):
     bubble = rows["ours-zbv"]["bubble"]
     assert 0 <= bubble["measured_inner"] <= bubble["measured"] < 1 and 0 <= bubble["replayed"] < 1
     assert [(q["ours"], q["peer"]) for q in result["ratios"]] == [("ours-zbv", "torch-zbv")]
+
+
+@pytest.mark.parametrize("schedule, v", [("zb_h1", 1), ("zbv", 2)])
+def test_single_stage_matches_serial(schedule, v, equivalence_report):
+    """pp=1: every handover is local (ZBV's two chunks both on the one rank, the embedding shared)."""
+    from equivalence import compare, run_training, serial_reference
+    from megatron_lite.parallel.layout import ParallelLayout
+
+    case = Case("gpt2_deep", microbatches=3, schedule=schedule, virtual_stages=v)
+    errors = compare(run_training(case, ParallelLayout.serial()), serial_reference("gpt2_deep"))
+    equivalence_report.append((str(case), errors))
+    assert all(err < 1e-5 for err in errors.values()), errors
