@@ -17,6 +17,7 @@ nothing) or fp32 (what training holds its weights in: both convert every weight)
 
     python benchmarks/hf_interop.py [--repeats 2] [--dtype bf16|fp32] [--dir DIR] [--small] [--json out.json]
 
+Each of our ranks gets its share of the threads transformers runs with (TP1: all of them, TP2: half).
 `--small` runs a ~20M-parameter model (smoke test). The page cache is warm for every variant (each
 one reads the same file just written), so the figures compare CPU and copying work, not disk speed.
 """
@@ -126,7 +127,8 @@ def main(argv=None) -> dict:
                     row = transformers_round(src, out, args.dtype)
                 else:
                     world = int(name[-1])
-                    ranks = run_on_ranks(ours_worker, world, src, out, args.dtype, timeout_s=1800)
+                    ranks = run_on_ranks(ours_worker, world, src, out, args.dtype, timeout_s=1800,
+                                         threads_per_rank=max(1, torch.get_num_threads() // world))
                     row = {"import_s": max(r["import_s"] for r in ranks), "export_s": max(r["export_s"] for r in ranks),
                            "bytes_read_per_rank": [r["bytes_read"] for r in ranks]}
                 times[name].append(row)
