@@ -3,6 +3,7 @@ for every layer type, with TP2 and sequence parallelism, and with recomputation.
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megatron_lite.layers.embedding import VocabParallelEmbedding
 from megatron_lite.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -106,6 +107,27 @@ def test_split_backward_is_bitwise_fused_serial():
 def test_split_backward_is_bitwise_fused_tp2_and_sp():
     checked = run_on_ranks(_worker, 2)
     assert len(checked[0]) == 32 and checked[0] == checked[1]
+
+
+def test_the_fused_path_equals_plain_torch():
+    """What the split is compared with, against an independent reference: autograd of F.linear /
+    F.embedding on copies of the same weights (serial layers)."""
+    tp = ParallelLayout.serial().tp
+    ids = lambda: torch.randint(0, 37, (3, SEQ), generator=torch.Generator().manual_seed(2))  # noqa: E731
+    cases = [(ColumnParallelLinear(16, 8, tp), _hidden((3, SEQ, 16)), lambda w, x: F.linear(x, w["weight"], w["bias"])),
+             (RowParallelLinear(16, 8, tp), _hidden((3, SEQ, 16)), lambda w, x: F.linear(x, w["weight"], w["bias"])),
+             (VocabParallelEmbedding(37, 16, tp), ids, lambda w, x: F.embedding(x, w["weight"]))]
+    for module, make_input, plain in cases:
+        initialize_parameters(module, 11)
+        fused_x, fused = _fused(module, make_input, grad_seed=5)
+        weights = {n: p.detach().clone().requires_grad_() for n, p in module.named_parameters()}
+        x = make_input()
+        y = plain(weights, x)
+        y.backward(_random(y.shape, 5))
+        if fused_x is not None:
+            torch.testing.assert_close(fused_x, x.grad, rtol=1e-6, atol=1e-6)
+        for name, weight in weights.items():
+            torch.testing.assert_close(fused[name], weight.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_store_must_be_drained():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from megatron_lite.layers import weight_grad
 from megatron_lite.layers.regions import leave_tp_region
