@@ -326,7 +326,9 @@ def build_ours_ep(rank: int, world: int, ep: int, size: dict) -> dict:
 
 def build_deepspeed_ep(rank: int, world: int, size: dict) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)
-    import deepspeed
+    from megatron_lite.optim.deepspeed_backend import import_deepspeed
+
+    deepspeed = import_deepspeed()
     import deepspeed.comm
     from deepspeed.moe.layer import MoE
 

@@ -215,7 +215,9 @@ def _tied_head(embedding, x):
 def build_deepspeed(rank: int, world: int, tied: bool) -> dict:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29599")  # the group already exists; never used
-    import deepspeed
+    from megatron_lite.optim.deepspeed_backend import import_deepspeed
+
+    deepspeed = import_deepspeed()
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.utils import logger
 

@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_lite.checkpoint import save_checkpoint
+from megatron_lite.data.tokenizer import ByteTokenizer
 from megatron_lite.inference import Generator
+from megatron_lite.inference.cli import TextStream
 from megatron_lite.models.partition import build_model_chunks
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.training.config import compose
@@ -56,6 +59,7 @@ def test_checkpoint_tp2_pp2_jsonl(tmp_path, checkpoint):
 
 def test_hf_directory_streams_one_prompt(tmp_path):
     transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
                                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
@@ -68,6 +72,18 @@ def test_hf_directory_streams_one_prompt(tmp_path):
     streamed, stats = done.stdout.rsplit("\n", 2)[:2]
     assert streamed == "To be" + expected.texts[0]
     assert stats.startswith("time to first token")
+
+
+def test_stream_holds_a_character_whose_bytes_span_tokens():
+    """What is streamed adds up to the decoded whole, also when a multi-byte character (or a byte that
+    never completes one) is cut between tokens."""
+    tokenizer = ByteTokenizer()
+    ids = list("a 귭 b".encode()) + [0xEA, 0xB7] + list(b"c") + [0xEA]
+    for chunks in ([ids[i:i + 1] for i in range(len(ids))], [ids[:3], ids[3:8], ids[8:]]):
+        stream = TextStream(tokenizer.decode, tokenizer.eod_id)
+        pieces = [stream.push(chunk) for chunk in chunks] + [stream.flush()]
+        assert "".join(pieces) == tokenizer.decode(ids) == "a 귭 b\ufffdc\ufffd"
+        assert pieces[2] == "" if len(chunks) > 3 else True  # the first byte of 귭 alone shows nothing
 
 
 @pytest.mark.parametrize("overrides, message", [

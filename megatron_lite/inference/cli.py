@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -95,6 +96,28 @@ def check(cfg: RunConfig, options: GenerateOptions) -> list[str]:
     return prompts
 
 
+class TextStream:
+    """The text of a growing list of token ids, handed out as it becomes final. A character whose bytes
+    span tokens decodes as U+FFFD until its last byte comes, so trailing U+FFFD is held back until a
+    later token settles it or the stream ends; what was handed out never changes."""
+
+    def __init__(self, decode: Callable[[list[int]], str], eos_id: int | None):
+        self.decode, self.eos_id = decode, eos_id
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def push(self, tokens: list[int]) -> str:
+        self.ids += [t for t in tokens if t != self.eos_id]
+        return self._advance(self.decode(self.ids).rstrip("\ufffd"))
+
+    def flush(self) -> str:
+        return self._advance(self.decode(self.ids))
+
+    def _advance(self, text: str) -> str:
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+
 def generate_rank(rank: int, world_size: int, cfg: RunConfig, options: GenerateOptions, prompts: list[str]):
     """One rank's generation (all ranks, or the only process); rank 0 streams and reports."""
     if dist.is_initialized():
@@ -104,13 +127,10 @@ def generate_rank(rank: int, world_size: int, cfg: RunConfig, options: GenerateO
         layout = ParallelLayout.serial(device=rank_device(choose_device(cfg.parallel.device, 1, visible_gpus()), 0))
     generator = Generator(cfg, layout)
     streaming = len(prompts) == 1 and rank == 0
-    shown = {"ids": [], "text": ""}
+    text_stream = TextStream(generator.tokenizer.decode, generator.eos_id)
 
     def stream(rows, tokens):
-        shown["ids"] += [t for t in tokens if t != generator.eos_id]
-        text = generator.tokenizer.decode(shown["ids"])
-        print(text[len(shown["text"]):], end="", flush=True)
-        shown["text"] = text
+        print(text_stream.push(tokens), end="", flush=True)
 
     if streaming:
         print(prompts[0], end="", flush=True)
@@ -121,7 +141,7 @@ def generate_rank(rank: int, world_size: int, cfg: RunConfig, options: GenerateO
     kv_bytes = comm.all_gather_object(result.kv_cache_bytes, layout.group("world"))
     if rank == 0:
         if streaming:
-            print()
+            print(text_stream.flush())
         else:
             write_jsonl(prompts, result, options.output)
         print(report(result, kv_bytes), file=sys.stderr if options.output is None and not streaming else sys.stdout)

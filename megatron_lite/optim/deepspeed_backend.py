@@ -49,6 +49,7 @@ from megatron_lite.data.microbatches import split_microbatches
 
 ZERO_STAGES = (0, 1, 2)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+SHARED_MEMORY_COMM_OP = "deepspeed_shm_comm"
 
 
 def import_deepspeed():
@@ -57,8 +58,13 @@ def import_deepspeed():
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
+    import deepspeed.ops
     from deepspeed.utils import logger
 
+    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce at init_distributed, used only by
+    # its inference all-reduce, which we never call. The compile takes minutes on a fresh machine, and a rank
+    # killed during it leaves torch's build lock behind, on which every later run waits forever.
+    deepspeed.ops.__compatible_ops__[SHARED_MEMORY_COMM_OP] = False
     if logger.getEffectiveLevel() < logging.WARNING:
         logger.setLevel(logging.WARNING)
     return deepspeed
