@@ -13,6 +13,7 @@ from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.parallel.spawn import run_on_ranks
 from megatron_lite.training.config import compose
 from megatron_lite.training.logging import read_offline_run
+from megatron_lite.training.sample import generation_chunks
 from megatron_lite.training.setup import check_run_config, resolve_data_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,7 @@ BAD_CONFIGS = [
     ("trainer.recompute=some", "trainer.recompute='some' is not allowed"),
     ("logging.wandb.mode=cloud", "logging.wandb.mode='cloud' is not allowed; choose one of ['online', 'offline', 'disabled']"),
     ("trainer.seq_length=1000", "trainer.seq_length=1000 exceeds model.max_seq_len=256"),
+    ("trainer.sample_tokens=256", "trainer.sample_tokens=256 must be below model.max_seq_len=256"),
     ("parallel.tp=4 parallel.sequence_parallel=true trainer.seq_length=126", "divisible by parallel.tp=4"),
     ("optim.backend=deepspeed parallel.pp=2", "optim.backend=deepspeed supports pp=1 only"),
     ("optim.backend=deepspeed", "optim.backend=deepspeed does not write checkpoints yet"),
@@ -84,6 +86,35 @@ def test_compose_gives_typed_config():
                                   "llama3_70b", "llama3_405b"])
 def test_every_model_config_composes(name):
     assert compose([f"model={name}"]).model.name == name
+
+
+def _sample(stdout: str) -> str:
+    marker = "sample from the model after training:\n"
+    assert marker in stdout, stdout[-2000:]
+    return stdout.split(marker, 1)[1].rstrip("\n")
+
+
+def test_end_of_run_sample_is_the_same_text_under_every_layout(tmp_path):
+    """The trainer's sample comes from the inference engine on the trained weights: serial, and TP2 x PP2
+    with sequence parallelism (the stage rebuilt without it) and two chunks per rank (regrouped through
+    the final checkpoint), print the same text."""
+    short = ["trainer.max_steps=2", "trainer.seq_length=64", "trainer.eval_interval=100", "trainer.sample_tokens=24",
+             "model.num_layers=4"]
+    for name in ("serial", "3d"):
+        (tmp_path / name).mkdir()
+    serial = run_train(tmp_path / "serial", *short)
+    assert serial.returncode == 0, serial.stderr[-3000:]
+    parallel = run_train(tmp_path / "3d", *short, "parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
+                         "parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2")
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert len(_sample(serial.stdout)) > 0
+    assert _sample(parallel.stdout) == _sample(serial.stdout)
+
+
+def test_no_sample_when_chunks_cannot_be_regrouped():
+    chunks, reason = generation_chunks(compose([]), ["chunk 0", "chunk 1"], ParallelLayout.serial(), None, 2)
+    assert chunks is None
+    assert reason == "2 model chunks per rank are regrouped into one through a checkpoint, and checkpoint.dir is null"
 
 
 CONSOLE_LINE = re.compile(r"^step +(\d+)/12 \| loss (\d+\.\d{4}) \| lr \d\.\de-\d\d \| gnorm \S+ \| tok/s [\d,]+ \| "

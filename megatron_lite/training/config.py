@@ -113,7 +113,7 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     recompute: str = "none"  # none | full | selective
     peak_tflops: float | None = None  # per device, for MFU; null: MFU not reported
-    sample_tokens: int = 64  # text generated at the end of the run (0: none; skipped above 1B parameters)
+    sample_tokens: int = 64  # text generated at the end of the run with the KV-cached inference engine (0: none)
     max_skipped_steps: int = 10  # consecutive steps skipped for non-finite gradients before the run stops
 
 

@@ -71,6 +71,10 @@ def check_run_config(cfg: RunConfig, world_size: int) -> None:
     seq = cfg.trainer.seq_length
     if seq > model_cfg.max_seq_len:
         raise ValueError(f"trainer.seq_length={seq} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    if cfg.trainer.sample_tokens >= model_cfg.max_seq_len:
+        raise ValueError(f"trainer.sample_tokens={cfg.trainer.sample_tokens} must be below model.max_seq_len="
+                         f"{model_cfg.max_seq_len} (the sample and its prompt share the model's positions); "
+                         "lower it, or 0 for no sample")
     if cfg.parallel.sequence_parallel and seq % sizes.tp:
         raise ValueError(f"parallel.sequence_parallel needs trainer.seq_length={seq} divisible by parallel.tp={sizes.tp}")
     crash = injected_crash()

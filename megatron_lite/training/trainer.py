@@ -15,7 +15,7 @@ from megatron_lite.parallel import comm
 from megatron_lite.data.sampler import DistributedBatchSampler, get_batch
 from megatron_lite.pipeline.schedules import PipelinePlan
 from megatron_lite.training.config import RunConfig
-from megatron_lite.training.generate import sample_tokens
+from megatron_lite.training.sample import generation_chunks, sample_prompt_length, sample_tokens
 from megatron_lite.training.launch import describe_placement
 from megatron_lite.parallel.sharding import holds_canonical_copy, spec_of
 from megatron_lite.training.faults import injected_crash
@@ -30,7 +30,6 @@ from megatron_lite.training.step import run_schedule
 
 
 # Above this size the sample at the end (a full-window forward per token, no KV cache) is skipped.
-SAMPLE_MAX_PARAMETERS = 10**9
 
 
 @torch.no_grad()
@@ -345,15 +344,16 @@ def _train(cfg: RunConfig, layout, plan: ResumePlan, output_dir: str | None) -> 
                 print(f"requeue of job {job} failed ({error}): resubmit it to resume from the checkpoint", flush=True)
         return history
 
-    if cfg.trainer.sample_tokens and parameters > SAMPLE_MAX_PARAMETERS:
-        logger.message(f"no sample at the end: {parameters:,} parameters is above {SAMPLE_MAX_PARAMETERS:,}, where "
-                       "sampling without a KV cache takes too long (trainer.sample_tokens)")
-    elif cfg.trainer.sample_tokens:
-        prompt = data.validation_tokens.tokens(0, cfg.trainer.seq_length).tolist()
-        ids = sample_tokens(chunks, pipeline, layout, prompt, cfg.trainer.sample_tokens, cfg.seed)
-        text = data.tokenizer.decode([i for i in ids if i != data.tokenizer.eod_id])
-        history["sample"] = text
-        logger.message("sample from the model after training:\n" + text)
+    if cfg.trainer.sample_tokens:
+        sample_chunks, reason = generation_chunks(cfg, chunks, layout, plan.save_dir,
+                                                    history.get("last_step", start_step))
+        if sample_chunks is None:
+            logger.message(f"no sample at the end: {reason}")
+        else:
+            prompt = data.validation_tokens.tokens(0, sample_prompt_length(cfg)).tolist()
+            ids = sample_tokens(cfg, sample_chunks, layout, prompt, data.tokenizer.eod_id)
+            history["sample"] = text = data.tokenizer.decode(ids)
+            logger.message("sample from the model after training:\n" + text)
     logger.finish()
     return history
 
