@@ -3,6 +3,7 @@ Hugging Face directory streaming one prompt, and bad input as one clear error be
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -108,7 +109,8 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, checkpoint):
 
 def test_generate_benchmark_small_smoke(tmp_path):
     """benchmarks/generate.py at its smallest: every layout gives the serial tokens (checked by the
-    benchmark), the tables and the cache-vs-recompute ratio come out."""
+    benchmark), the tables, the cache-vs-recompute ratio and the comparison with transformers' generate
+    (batch 1 and 8, same tokens, checked by the benchmark) come out."""
     out = tmp_path / "generate.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--small", "--layouts", "serial",
                     "pp2 m=1 (walk)", "pp2 m=2 (rotate)", "--json", str(out)], check=True, timeout=300,
@@ -117,3 +119,7 @@ def test_generate_benchmark_small_smoke(tmp_path):
     assert [r["layout"] for r in result["rows"]] == ["serial", "pp2 m=1 (walk)", "pp2 m=2 (rotate)"]
     assert all(r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in result["rows"])
     assert result["pipelined_ratio"] > 0 and result["cache_vs_recompute"]["speedup"] > 0
+    if importlib.util.find_spec("transformers") is not None:
+        rows = result["vs_transformers"]["rows"]
+        assert [r["batch"] for r in rows] == [1, 8]
+        assert all(r["ours_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0 and r["ratio"] > 0 for r in rows)
