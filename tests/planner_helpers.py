@@ -11,6 +11,7 @@ from megatron_lite.models.partition import build_model_chunks
 from megatron_lite.optim import OptimizerConfig, build_optimizer
 from megatron_lite.parallel.comm import CommGroup, CommStats
 from megatron_lite.parallel.layout import AXES, FLATTENED, ParallelLayout, ParallelSizes, group_ranks, rank_at
+from megatron_lite.pipeline.schedules import schedule_mapping
 from megatron_lite.planner.spec import Layout
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,13 +34,14 @@ def groupless_layout(sizes: ParallelSizes, rank: int) -> ParallelLayout:
 
 def build_rank(cfg, layout: Layout, stage: int, dtype: str = "fp32", bucket_size_mb: float = 25.0,
                dp_rank: int = 0, tp_rank: int = 0):
-    """The chunks and optimizer the framework builds on one rank (weights left uninitialised)."""
+    """The chunks and optimizer the framework builds on one rank (weights left uninitialised), placed as
+    the layout's schedule places them (ZBV: in a V)."""
     sizes = sizes_of(layout)
     framework = groupless_layout(sizes, rank_at(sizes, pp=stage, dp=dp_rank, tp=tp_rank))
     options = BuildOptions(sequence_parallel=layout.sequence_parallel, recompute=layout.recompute,
                            dtype=TORCH_DTYPES[dtype])
     chunks = build_model_chunks(cfg, framework, 0, virtual_stages=layout.virtual_stages,
                                 layers_per_stage=list(layout.layers_per_stage) if layout.layers_per_stage else None,
-                                options=options, initialize=False)
+                                options=options, initialize=False, mapping=schedule_mapping(layout.schedule))
     optimizer = build_optimizer(chunks, framework, OptimizerConfig(zero1=layout.zero1, bucket_size_mb=bucket_size_mb))
     return chunks, optimizer

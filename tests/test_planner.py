@@ -7,8 +7,18 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from dataclasses import replace
 
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from equivalence import TINY_MODELS
+from megatron_lite.layers.weight_grad import WeightGradStore, backward_input, backward_weight, deferring_to
+from megatron_lite.models.config import BuildOptions
+from megatron_lite.models.transformer import build_model
+from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.pipeline.schedules import build_schedule
 from megatron_lite.pipeline.simulate import analytic_bubble_fraction, simulate
 from megatron_lite.planner.activations import schedule_peaks
@@ -20,7 +30,7 @@ from megatron_lite.planner.search import search, structural_reason
 from megatron_lite.models.transformer import parameter_counts
 from megatron_lite.planner.spec import (GIB, Layout, Workload, load_cluster, load_model, load_workload,
                                         preset_names)
-from megatron_lite.planner.training_time import estimate_training
+from megatron_lite.planner.training_time import estimate_training, stage_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA2_70B = load_model("llama2_70b")
@@ -124,10 +134,83 @@ def test_bubble_is_the_simulators(schedule, v):
     assert est.metrics["makespan_s"] == pytest.approx(exact.makespan, rel=1e-3)
 
 
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("schedule,v", [("zb_h1", 1), ("zb_h2", 1), ("zbv", 2)])
+def test_zero_bubble_bubble_is_the_simulators(schedule, v, p):
+    """The zero-bubble plans are simulated as the executor runs them, with the planner's I and W costs."""
+    cfg = load_model("llama2_7b")
+    workload = Workload(kind="training", dtype="bf16", seq_length=1024, global_batch=64)
+    layout = Layout(tp=2, pp=p, dp=1, micro_batch=8, schedule=schedule, virtual_stages=v)
+    est = estimate_training(cfg, load_cluster("h100_sxm"), workload, layout)
+    m = est.metrics
+    plan = build_schedule(schedule, p, m["microbatches"], v)
+    assert plan.split_backward and schedule_peaks(schedule, p, m["microbatches"], v) == simulate(plan).peak_in_flight
+    assert m["input_s"] + m["weight_s"] == pytest.approx(m["backward_s"]) and m["input_s"] > m["weight_s"]
+    exact = simulate(plan, m["forward_s"] / v, m["backward_s"] / v, _p2p(layout), input_cost=m["input_s"] / v,
+                     weight_cost=m["weight_s"] / v)
+    assert m["bubble"] == pytest.approx(exact.bubble_fraction, rel=1e-3)
+    assert m["makespan_s"] == pytest.approx(exact.makespan, rel=1e-3)
+    one_f_one_b = estimate_training(cfg, load_cluster("h100_sxm"), workload, replace(layout, schedule="1f1b",
+                                                                                      virtual_stages=1))
+    assert m["bubble"] < one_f_one_b.metrics["bubble"]
+
+
+@pytest.mark.parametrize("model,recompute", [("llama", "none"), ("llama", "full"), ("gpt2", "none"), ("moe", "none")])
+def test_weight_gradient_flops_are_what_w_runs(model, recompute):
+    """The planner's split of a backward into I and W against torch's FlopCounterMode around the
+    framework's own B (backward_input, recomputation inside) and W (backward_weight) of a serial model:
+    W runs the linears' deferred dW = g^T x, I the rest. (The MoE's routed experts use grouped matmuls the
+    counter does not see; they run in I, so W is still exact there.)"""
+    cfg = TINY_MODELS[model].with_(max_seq_len=16)
+    batch, seq = 2, 16
+    chunk = build_model(cfg, ParallelLayout.serial(), seed=0, options=BuildOptions(recompute=recompute))
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    store, counted = WeightGradStore("planner"), {}
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention has no FLOP formula
+        with FlopCounterMode(display=False) as counter, deferring_to(store):
+            loss = chunk.loss(chunk(tokens), tokens).mean()
+        counted["F"] = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter, deferring_to(store):
+            backward_input((loss,), (torch.ones_like(loss),), None, chunk.parameters(), store)
+        counted["I"] = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            backward_weight(store)
+        counted["W"] = counter.get_total_flops()
+    forward, backward, weight = stage_flops(cfg, Layout(micro_batch=batch, recompute=recompute), 0, seq)
+    assert counted["W"] == weight
+    if not cfg.moe:
+        assert (counted["F"], counted["I"]) == (forward, backward - weight)
+
+
 def _p2p(layout):
     """One [b, s, h] bf16 activation over the pipeline's link."""
     link = link_of(layout, load_cluster("h100_sxm"), "pp")
     return collective_time("send", layout.micro_batch * 1024 * 4096 * 2, 2, link)
+
+
+def test_zero_bubble_layouts_need_the_frameworks_chunks_per_rank():
+    """The framework's own rule (pipeline/schedules.py): zbv runs exactly 2 chunks per rank, zb_h1 and
+    zb_h2 one."""
+    assert Layout(pp=4, schedule="zbv", virtual_stages=2).describe() == "TP1 PP4 DP1 v2 zbv"
+    for v in (1, 3):
+        with pytest.raises(ValueError, match=f"zbv runs two model chunks per rank in a V, got virtual_stages={v}"):
+            Layout(pp=4, schedule="zbv", virtual_stages=v)
+    for schedule in ("zb_h1", "zb_h2"):
+        with pytest.raises(ValueError, match=f"{schedule} runs one model chunk per rank, got virtual_stages=2"):
+            Layout(pp=4, schedule=schedule, virtual_stages=2)
+
+
+def test_search_tries_the_schedules_asked_for():
+    """By default pipelined training layouts run 1F1B; asked, the search also tries the zero-bubble plans
+    (zbv with 2 chunks per rank); a layout without a pipeline runs one way whatever the list."""
+    cfg, cluster = load_model("llama2_7b"), load_cluster("h100_sxm")
+    workload = Workload(kind="training", dtype="bf16", seq_length=1024, global_batch=16)
+    default = search(cfg, cluster, workload).ranked
+    assert {e.layout.schedule for e in default} == {"1f1b"}
+    asked = search(cfg, cluster, workload, schedules=("1f1b", "zb_h1", "zbv")).ranked
+    piped = {(e.layout.schedule, e.layout.virtual_stages) for e in asked if e.layout.pp > 1}
+    assert piped == {("1f1b", 1), ("zb_h1", 1), ("zbv", 2)}
+    assert {e.layout.schedule for e in asked if e.layout.pp == 1} == {"1f1b"}
 
 
 def test_rejections_name_the_binding_reason():
@@ -171,6 +254,9 @@ def test_cli_runs_as_a_script_within_5_seconds_of_planning():
     (["cluster.memory_gib=-1"], "cluster.memory_bytes"),
     (["model=llama3_405b"], "smallest requirement is"),
     (["layout.tp=3", "layout.pp=1", "layout.dp=1"], "not divisible by parallel.tp=3"),
+    (["layout.tp=4", "layout.pp=1", "layout.dp=1", "layout.schedule=zbv"],
+     "zbv runs two model chunks per rank in a V, got virtual_stages=1; use virtual_stages=2"),
+    (["schedules=[1f1b,zb_h3]"], "schedules=['1f1b', 'zb_h3'] must list one or more of"),
 ])
 def test_bad_input_is_named(argv, message, capsys):
     assert main(argv) == 2

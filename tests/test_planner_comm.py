@@ -14,7 +14,7 @@ from megatron_lite.models.partition import build_model_chunks
 from megatron_lite.optim import OptimizerConfig, build_optimizer
 from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.parallel.spawn import run_on_ranks
-from megatron_lite.pipeline.schedules import build_schedule
+from megatron_lite.pipeline.schedules import build_schedule, schedule_mapping
 from megatron_lite.planner.comm_volume import microbatches, training_step_traffic
 from megatron_lite.planner.params import stage_memory
 from megatron_lite.planner.spec import DTYPE_BYTES, Layout
@@ -29,7 +29,8 @@ def _step(rank, world, model, layout: Layout, dtype):
     cfg = TINY_MODELS[model]
     options = BuildOptions(sequence_parallel=layout.sequence_parallel, recompute=layout.recompute,
                            dtype=TORCH_DTYPES[dtype])
-    chunks = build_model_chunks(cfg, fw, SEED, virtual_stages=layout.virtual_stages, options=options)
+    chunks = build_model_chunks(cfg, fw, SEED, virtual_stages=layout.virtual_stages, options=options,
+                                mapping=schedule_mapping(layout.schedule))
     optimizer = build_optimizer(chunks, fw, OptimizerConfig(zero1=layout.zero1, bucket_size_mb=BUCKET_MB))
     tokens, targets = next(global_batches(cfg.vocab_size, steps=1))
     dp = fw.dp
@@ -51,6 +52,9 @@ CASES = [
     ("gpt2_deep", Layout(tp=2, pp=2, dp=2, micro_batch=4, sequence_parallel=True, zero1=True), "bf16"),  # 3D
     ("moe", Layout(dp=2, ep=2, micro_batch=6), "fp32"),
     ("moe_e8", Layout(tp=2, dp=2, ep=2, micro_batch=12, sequence_parallel=True, zero1=True), "fp32"),
+    # ZBV: no transfer at the V's turn, the tied embedding one weight on rank 0 (no sum over the ends)
+    ("gpt2_deep", Layout(pp=2, dp=2, micro_batch=4, schedule="zbv", virtual_stages=2, zero1=True), "bf16"),
+    ("llama_deep", Layout(tp=2, pp=2, micro_batch=6, schedule="zb_h1", sequence_parallel=True), "fp32"),
 ]
 
 

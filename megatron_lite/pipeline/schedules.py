@@ -172,6 +172,19 @@ def _check_arguments(name: str, p: int, m: int, v: int) -> None:
     if name not in SCHEDULE_NAMES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
     _check_positive(num_stages=p, num_microbatches=m, virtual_stages=v)
+    check_virtual_stages(name, v)
+    if name == "interleaved_1f1b" and m % p != 0:
+        lower = (m // p) * p
+        hint = f"{lower} or {lower + p}" if lower else f"{p}"
+        raise ValueError(
+            f"interleaved_1f1b needs microbatches to be a multiple of pp={p}, "
+            f"got {m}; use {hint}"
+        )
+
+
+def check_virtual_stages(name: str, v: int) -> None:
+    """The model chunks per rank schedule `name` runs (zbv exactly 2, interleaved_1f1b at least 2, the
+    others 1); the planner checks its layouts with it too."""
     if name == "zbv" and v != 2:
         raise ValueError(f"zbv runs two model chunks per rank in a V, got virtual_stages={v}; use virtual_stages=2")
     if name not in ("interleaved_1f1b", "zbv") and v != 1:
@@ -179,19 +192,11 @@ def _check_arguments(name: str, p: int, m: int, v: int) -> None:
             f"{name} runs one model chunk per rank, got virtual_stages={v}; "
             "use virtual_stages=1 or schedule interleaved_1f1b"
         )
-    if name == "interleaved_1f1b":
-        if v < 2:
-            raise ValueError(
-                f"interleaved_1f1b needs virtual_stages >= 2, got {v}; "
-                "use virtual_stages=2 or schedule 1f1b"
-            )
-        if m % p != 0:
-            lower = (m // p) * p
-            hint = f"{lower} or {lower + p}" if lower else f"{p}"
-            raise ValueError(
-                f"interleaved_1f1b needs microbatches to be a multiple of pp={p}, "
-                f"got {m}; use {hint}"
-            )
+    if name == "interleaved_1f1b" and v < 2:
+        raise ValueError(
+            f"interleaved_1f1b needs virtual_stages >= 2, got {v}; "
+            "use virtual_stages=2 or schedule 1f1b"
+        )
 
 
 def _forward(microbatch: int, chunk: int = 0) -> Action:

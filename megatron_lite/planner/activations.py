@@ -1,5 +1,8 @@
 """Activation bytes a pipeline rank keeps for backward: per micro batch, times the micro batches the
-schedule keeps in flight (pipeline/simulate.py's peak_in_flight on the plan the executor runs).
+schedule keeps in flight (pipeline/simulate.py's peak_in_flight on the plan the executor runs). Where a
+rank's chunks keep different amounts (the first and last stage of ZBV's V both sit on rank 0), the
+peak is the plan's largest live set weighted by what each chunk keeps. A zero-bubble plan keeps a micro
+batch's activations from its F until its W, as peak_in_flight counts them.
 
 Per layer and micro batch of T = b*s tokens, dtype d, TP t (u = t under SP, else 1), what autograd saves
 in this framework's layers (models/transformer.py, counted tensor by tensor on CPU in
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 from megatron_lite.layers.embedding import padded_vocab_size
 from megatron_lite.models.config import ModelConfig
-from megatron_lite.pipeline.schedules import build_schedule
+from megatron_lite.pipeline.schedules import ActionKind, build_schedule
 from megatron_lite.pipeline.simulate import peak_in_flight
 from megatron_lite.planner.params import rank_chunks
 from megatron_lite.planner.spec import Layout
@@ -47,6 +50,28 @@ def cached_plan(schedule: str, p: int, m: int, v: int):
 def schedule_peaks(schedule: str, p: int, m: int, v: int) -> tuple[int, ...]:
     """Most (micro batch, chunk) activations each pipeline rank holds at once under the plan."""
     return peak_in_flight(cached_plan(schedule, p, m, v))
+
+
+@functools.lru_cache(maxsize=256)
+def live_chunk_counts(schedule: str, p: int, m: int, v: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per rank, the live micro batches per chunk (n_0, .., n_v-1) the plan passes through that no other
+    such vector exceeds in every chunk: the rank's peak bytes are the largest of these weighted by what
+    each chunk keeps. Counted as peak_in_flight counts: a forward adds one, a B or a W removes it."""
+    ranks = []
+    for actions in cached_plan(schedule, p, m, v).actions:
+        live, seen = [0] * v, set()
+        for action in actions:
+            if action.kind is ActionKind.FORWARD:
+                live[action.chunk] += 1
+                seen.add(tuple(live))
+            elif action.kind in (ActionKind.BACKWARD, ActionKind.BACKWARD_WEIGHT):
+                live[action.chunk] -= 1
+        maximal: list[tuple[int, ...]] = []
+        for counts in sorted(seen, reverse=True):  # a vector exceeding another sorts before it
+            if not any(all(x >= y for x, y in zip(kept, counts)) for kept in maximal):
+                maximal.append(counts)
+        ranks.append(tuple(maximal))
+    return tuple(ranks)
 
 
 def _norm(cfg: ModelConfig, tokens: int, d: int, u: int) -> float:
@@ -96,22 +121,27 @@ def layer_activation_bytes(cfg: ModelConfig, layout: Layout, layer: int, seq_len
 
 @dataclass(frozen=True)
 class StageActivations:
-    per_microbatch: float  # kept per micro batch in flight (layers of the largest chunk, head, token ids)
+    per_chunk: tuple[float, ...]  # kept per micro batch by each model chunk (its layers, head, token ids)
     in_flight: int  # the schedule's peak (micro batch, chunk) pairs on this rank
+    at_peak: float  # bytes of the rank's largest live set of (micro batch, chunk) activations under the plan
     transient: float  # one layer's full set while it is recomputed (full recomputation)
 
     @property
+    def per_microbatch(self) -> float:
+        """What the largest chunk keeps per micro batch."""
+        return max(self.per_chunk, default=0.0)
+
+    @property
     def total(self) -> float:
-        return self.in_flight * self.per_microbatch + self.transient
+        return self.at_peak + self.transient
 
 
 def stage_activations(cfg: ModelConfig, layout: Layout, stage: int, seq_length: int, d: int,
                       num_microbatches: int) -> StageActivations:
     """Pipeline rank `stage`'s activations: what one micro batch keeps and the schedule's peak in flight."""
-    if layout.pp > 1 or layout.virtual_stages > 1:
-        in_flight = schedule_peaks(layout.schedule, layout.pp, num_microbatches, layout.virtual_stages)[stage]
-    else:
-        in_flight = 1  # one micro batch at a time: its backward runs before the next forward
+    plan_key = (layout.schedule, layout.pp, num_microbatches, layout.virtual_stages)
+    pipelined = layout.pp > 1 or layout.virtual_stages > 1  # else one micro batch at a time: B before the next F
+    in_flight = schedule_peaks(*plan_key)[stage] if pipelined else 1
     u = layout.tp if layout.sequence_parallel and layout.tp > 1 else 1
     tokens = layout.micro_batch * seq_length
     kept, transient = [], 0.0
@@ -130,7 +160,9 @@ def stage_activations(cfg: ModelConfig, layout: Layout, stage: int, seq_length: 
             vocab = padded_vocab_size(cfg.vocab_size, layout.tp, cfg.vocab_pad_multiple) // layout.tp
             chunk += _norm(cfg, tokens, d, u) + tokens * vocab * FP32
         kept.append(chunk)
-    return StageActivations(max(kept, default=0.0), in_flight, transient)
+    live_sets = live_chunk_counts(*plan_key)[stage] if pipelined else ((1,),)
+    at_peak = max(sum(n * b for n, b in zip(counts, kept)) for counts in live_sets)
+    return StageActivations(tuple(kept), in_flight, at_peak, transient)
 
 
 def stage_activation_bytes(cfg: ModelConfig, layout: Layout, stage: int, seq_length: int, d: int,

@@ -53,7 +53,8 @@ def run(cfg: dict) -> tuple[Plan, dict]:
         return Plan([estimate], []), question
     if not cfg["with_latency"] and workload.kind == "inference":
         raise ValueError("with_latency=false is for one layout (layout.tp=.. layout.pp=.. layout.dp=..)")
-    return search(model, cluster, workload, objective=cfg["objective"]), question
+    schedules = tuple(cfg.get("schedules") or ("1f1b",))
+    return search(model, cluster, workload, objective=cfg["objective"], schedules=schedules), question
 
 
 def main(argv: list[str]) -> int:

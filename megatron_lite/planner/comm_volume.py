@@ -14,7 +14,8 @@ dtype d bytes, on a rank whose chunks hold L layers:
         (PyTorch's checkpoint stops at the last saved tensor, the input of down_proj); the
         vocabulary-parallel cross-entropy adds 3 all-reduces of [b, s] fp32 on the last stage.
   PP    per micro batch and chunk: the activation [b, s (/tp with SP), h] received and sent forward, its
-        gradient received and sent backward (a send and a receive are both counted).
+        gradient received and sent backward (a send and a receive are both counted; none between two
+        chunks of one rank, as at the turn of ZBV's V).
   DP    per gradient bucket (fp32, padding included): an all-reduce, or with ZeRO-1 a reduce-scatter
         and an all-gather of the updated parameters (model dtype); then one all-reduce per group of the
         "sum" reductions (SP norms and row biases over TP, replicated KV heads over their TP block, the
@@ -31,8 +32,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 from megatron_lite.models.config import ModelConfig
-from megatron_lite.parallel.layout import FLATTENED
-from megatron_lite.planner.params import assign_buckets, chunk_parameters, group_sizes, rank_chunks
+from megatron_lite.parallel.layout import FLATTENED, location, stage_of
+from megatron_lite.pipeline.schedules import schedule_mapping
+from megatron_lite.planner.params import assign_buckets, group_sizes, rank_chunks, rank_parameters
 from megatron_lite.planner.spec import Layout
 
 FP32, INT64, FP64 = 4, 8, 8
@@ -141,8 +143,13 @@ def step_traffic(cfg: ModelConfig, layout: Layout, seq_length: int, global_batch
         _moe_traffic(cfg, layout, t, moe_layers, tokens // (layout.tp if sp else 1), dtype_bytes, m, forwards,
                      include_expected)
     p2p = act // (layout.tp if sp else 1)
-    for vstage in (c * layout.pp + stage for c in range(layout.virtual_stages)):
-        transfers = (vstage > 0) + (vstage < num_chunks - 1)  # per direction: forward and backward
+    mapping = schedule_mapping(layout.schedule)
+    for chunk in range(layout.virtual_stages):
+        # per direction (forward and backward): one transfer per neighbouring stage on another rank (the
+        # turn of ZBV's V hands over within the last rank)
+        vstage = stage_of(stage, chunk, layout.pp, mapping)
+        transfers = sum(0 <= n < num_chunks and location(n, layout.pp, mapping)[0] != stage
+                        for n in (vstage - 1, vstage + 1))
         if layout.pp > 1:
             t.add("pp", "send", p2p, m * transfers)
             t.add("pp", "recv", p2p, m * transfers)
@@ -188,8 +195,7 @@ def _gradient_traffic(cfg, layout: Layout, t: Traffic, stage: int, dp_rank: int,
     sizes = group_sizes(layout)
     ranks = {"dp_cp": dp_rank, "edp_cp": dp_rank // layout.ep}
     sums: dict[str, dict[str, int]] = defaultdict(dict)  # group -> key -> elements
-    for layers, first, last in rank_chunks(cfg, layout, stage):
-        params = chunk_parameters(cfg, layout, layers, first, last)
+    for params in rank_parameters(cfg, layout, stage):
         for bucket in assign_buckets(params, layout, bucket_size_mb):
             n = sizes[bucket.group]
             if layout.zero1:

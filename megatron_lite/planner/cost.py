@@ -68,8 +68,25 @@ def rank_layer_flops(cfg: ModelConfig, layout: Layout, layer: int, tokens: int, 
     t = layout.tp
     if not cfg.is_moe_layer(layer):
         return (dense + core) / t, core / t
-    moe = cfg.moe
-    mats = 3 if cfg.activation == "swiglu" else 2
-    routed = 2 * cfg.hidden_size * (moe.num_experts + cfg.expert_ffn_size * mats * moe.top_k) * tokens
+    routed = _routed_flops(cfg, tokens)
     u = t if layout.sequence_parallel and t > 1 else 1
     return (dense - routed + core) / t + routed / u, core / t
+
+
+def _routed_flops(cfg: ModelConfig, tokens: int) -> float:
+    """Forward FLOPs of an MoE layer's router and routed experts over `tokens` (not split over TP)."""
+    moe = cfg.moe
+    mats = 3 if cfg.activation == "swiglu" else 2
+    return 2 * cfg.hidden_size * (moe.num_experts + cfg.expert_ffn_size * mats * moe.top_k) * tokens
+
+
+def rank_layer_weight_flops(cfg: ModelConfig, layout: Layout, layer: int, tokens: int, seq_length: int) -> float:
+    """FLOPs of the weight gradients a zero-bubble W runs for one layer on one rank. W computes dW = g^T x
+    of the linears whose weight gradient layers/weight_grad.py defers (attention projections, dense and
+    shared-expert feed-forwards), as many FLOPs as their forward; the attention core has no weights, and
+    the router's and routed experts' gradients come from autograd during I. I is the rest of the backward."""
+    forward, core = rank_layer_flops(cfg, layout, layer, tokens, seq_length)
+    if not cfg.is_moe_layer(layer):
+        return forward - core
+    u = layout.tp if layout.sequence_parallel and layout.tp > 1 else 1
+    return forward - core - _routed_flops(cfg, tokens) / u

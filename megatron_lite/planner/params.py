@@ -23,6 +23,8 @@ from megatron_lite.layers.embedding import padded_vocab_size
 from megatron_lite.models.config import ModelConfig
 from megatron_lite.models.partition import split_layers
 from megatron_lite.optim import buffers
+from megatron_lite.parallel.layout import stage_of
+from megatron_lite.pipeline.schedules import schedule_mapping
 from megatron_lite.planner.spec import Layout
 
 FP32 = 4
@@ -75,14 +77,32 @@ def chunk_layers(cfg: ModelConfig, layout: Layout) -> list[list[int]]:
 
 
 def rank_chunks(cfg: ModelConfig, layout: Layout, stage: int) -> list[tuple[list[int], bool, bool]]:
-    """(layers, first, last) of each model chunk pipeline rank `stage` holds, in chunk order."""
+    """(layers, first, last) of each model chunk pipeline rank `stage` holds, in chunk order, placed as
+    the schedule places them (models/partition.py: Megatron's loop, or ZBV's V)."""
     layers = chunk_layers(cfg, layout)
     last = layout.pp * layout.virtual_stages - 1
+    mapping = schedule_mapping(layout.schedule)
     out = []
     for chunk in range(layout.virtual_stages):
-        vstage = chunk * layout.pp + stage
+        vstage = stage_of(stage, chunk, layout.pp, mapping)
         out.append((layers[vstage], vstage == 0, vstage == last))
     return out
+
+
+def shares_tied_weight(cfg: ModelConfig, layout: Layout, stage: int) -> bool:
+    """Whether the rank's head reuses its embedding's weight from another chunk (ZBV's rank 0 holds both
+    pipeline ends: models/partition.py's _share_tied_embedding) instead of a tied copy summed over them."""
+    if not cfg.tie_embeddings or schedule_mapping(layout.schedule) != "v":
+        return False
+    chunks = rank_chunks(cfg, layout, stage)  # in a V no chunk is both ends (2p >= 2 stages)
+    return any(first for _, first, _ in chunks) and any(last for _, _, last in chunks)
+
+
+def rank_parameters(cfg: ModelConfig, layout: Layout, stage: int) -> list[list[ParamInfo]]:
+    """chunk_parameters of each model chunk pipeline rank `stage` holds, in chunk order."""
+    shared = shares_tied_weight(cfg, layout, stage)
+    return [chunk_parameters(cfg, layout, layers, first, last, shared)
+            for layers, first, last in rank_chunks(cfg, layout, stage)]
 
 
 def _partial(replicas: int, tp: int) -> tuple[str, ...]:
@@ -91,8 +111,11 @@ def _partial(replicas: int, tp: int) -> tuple[str, ...]:
     return ("tp",) if replicas == tp else (f"tp/{replicas}",)
 
 
-def chunk_parameters(cfg: ModelConfig, layout: Layout, layers, first: bool, last: bool) -> list[ParamInfo]:
-    """The parameters a model chunk registers, in registration order, with this rank's local sizes."""
+def chunk_parameters(cfg: ModelConfig, layout: Layout, layers, first: bool, last: bool,
+                     shared_tied_weight: bool = False) -> list[ParamInfo]:
+    """The parameters a model chunk registers, in registration order, with this rank's local sizes.
+    shared_tied_weight: the rank's other chunk holds the other pipeline end and the head uses the
+    embedding's weight itself (`shares_tied_weight`): one untied parameter, registered by the embedding."""
     tp, h = layout.tp, cfg.hidden_size
     sp = layout.sequence_parallel and tp > 1
     sp_sum = ("tp",) if sp else ()
@@ -102,7 +125,7 @@ def chunk_parameters(cfg: ModelConfig, layout: Layout, layers, first: bool, last
         params.append(ParamInfo(name, numel, **kw))
 
     vocab_rows = padded_vocab_size(cfg.vocab_size, tp, cfg.vocab_pad_multiple) // tp
-    tied_copy = cfg.tie_embeddings and first != last
+    tied_copy = cfg.tie_embeddings and first != last and not shared_tied_weight
     if first:  # a module's own parameters come before its children's in named_parameters()
         if cfg.position == "learned":
             add("embedding.position", cfg.max_seq_len * h, partial_sums=sp_sum)
@@ -158,7 +181,7 @@ def chunk_parameters(cfg: ModelConfig, layout: Layout, layers, first: bool, last
         else:
             mlp(f"{p}.mlp", cfg.ffn_size)
     if last:
-        if not (cfg.tie_embeddings and first):
+        if not (cfg.tie_embeddings and (first or shared_tied_weight)):
             add("head.weight", vocab_rows * h, tied=tied_copy, partial_sums=("embedding",) if tied_copy else ())
         norm("head.norm")
     return params
@@ -202,9 +225,9 @@ def stage_memory(cfg: ModelConfig, layout: Layout, stage: int, dtype_bytes: int,
     """Bytes per rank of pipeline stage `stage`; training=False: the weights alone (inference)."""
     numel = padded = state = frozen = 0
     layers: list[int] = []
-    for chunk_layer_ids, first, last in rank_chunks(cfg, layout, stage):
+    chunks = zip(rank_chunks(cfg, layout, stage), rank_parameters(cfg, layout, stage))
+    for (chunk_layer_ids, _, _), params in chunks:
         layers += chunk_layer_ids
-        params = chunk_parameters(cfg, layout, chunk_layer_ids, first, last)
         numel += sum(p.numel for p in params)
         frozen += sum(p.numel for p in params if not p.trainable)
         buckets = assign_buckets(params, layout, bucket_size_mb)

@@ -1,11 +1,12 @@
 """Enumerate the layouts of a model on a cluster, estimate each, rank them, and say why the others fail.
 
 Training layouts use every GPU (tp x pp x dp = the cluster's GPUs) with tp within a node; for each
-(tp, pp, dp, ep, micro batch) the options are tried from the cheapest in time to the cheapest in memory
-(SP whenever tp > 1, ZeRO-1 whenever dp > 1, then recompute none -> selective -> full) and the first
-that fits is kept. Inference layouts may leave GPUs idle (tp x pp x dp <= GPUs), since a smaller
-layout can be faster at batch 1. A layout that cannot run gets one binding reason: the size that does
-not divide, or the memory term that overflows and by how much.
+(tp, pp, dp, ep, micro batch) and, with pp > 1, each pipeline schedule asked for (1F1B unless
+`schedules` lists others: interleaved_1f1b and zbv run 2 chunks per rank) the options are tried from the
+cheapest in time to the cheapest in memory (SP whenever tp > 1, ZeRO-1 whenever dp > 1, then recompute
+none -> selective -> full) and the first that fits is kept. Inference layouts may leave GPUs idle
+(tp x pp x dp <= GPUs), since a smaller layout can be faster at batch 1. A layout that cannot run gets
+one binding reason: the size that does not divide, or the memory term that overflows and by how much.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from dataclasses import dataclass, replace
 from megatron_lite.models.config import ModelConfig, check_model_fits_layout
 from megatron_lite.parallel.layout import ParallelSizes
 from megatron_lite.planner.inference_time import estimate_inference
-from megatron_lite.planner.spec import GIB, Cluster, Layout, Workload
+from megatron_lite.planner.spec import GIB, PLANNED_SCHEDULES, Cluster, Layout, Workload
 from megatron_lite.planner.training_time import Estimate, estimate_training
 
 MICRO_BATCHES = (1, 2, 4, 8)
+DEFAULT_SCHEDULES = ("1f1b",)
+CHUNKS_PER_RANK = {"interleaved_1f1b": 2, "zbv": 2}  # the searched virtual_stages (others run 1)
 
 
 @dataclass
@@ -113,11 +116,15 @@ OBJECTIVES = {  # sort keys, best first
 
 
 def search(cfg: ModelConfig, cluster: Cluster, workload: Workload, top: int | None = None,
-           objective: str = "time") -> Plan:
+           objective: str = "time", schedules: tuple[str, ...] = DEFAULT_SCHEDULES) -> Plan:
     """Every candidate layout, estimated; the valid ones ranked by `objective` (time: per step or per
-    output token; throughput: tokens/s; memory: bytes per GPU), ties broken by the other."""
+    output token; throughput: tokens/s; memory: bytes per GPU), ties broken by the other. schedules:
+    the pipeline schedules training layouts with pp > 1 try (e.g. ("1f1b", "zb_h1", "zbv"))."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not one of {tuple(OBJECTIVES)}")
+    unknown = [name for name in schedules if name not in PLANNED_SCHEDULES]
+    if unknown or not schedules:
+        raise ValueError(f"schedules={list(schedules)} must list one or more of {PLANNED_SCHEDULES}")
     ranked: list[Estimate] = []
     rejected: list[Rejected] = []
     for tp, pp, dp, ep in candidate_sizes(cfg, cluster, workload):
@@ -125,8 +132,10 @@ def search(cfg: ModelConfig, cluster: Cluster, workload: Workload, top: int | No
         if workload.kind == "inference":
             _try(cfg, cluster, workload, [sizes], ranked, rejected)
             continue
-        for micro in MICRO_BATCHES:
-            _try(cfg, cluster, workload, list(_option_ladder(replace(sizes, micro_batch=micro))), ranked, rejected)
+        for schedule in schedules if pp > 1 else DEFAULT_SCHEDULES:
+            piped = replace(sizes, schedule=schedule, virtual_stages=CHUNKS_PER_RANK.get(schedule, 1))
+            for micro in MICRO_BATCHES:
+                _try(cfg, cluster, workload, list(_option_ladder(replace(piped, micro_batch=micro))), ranked, rejected)
     ranked.sort(key=OBJECTIVES[objective])
     if not ranked:
         raise ValueError(_nothing_fits(cluster, workload, rejected))

@@ -13,11 +13,12 @@ from pathlib import Path
 import yaml
 
 from megatron_lite.models.config import RECOMPUTE, ModelConfig
+from megatron_lite.pipeline.schedules import SCHEDULE_NAMES, check_virtual_stages
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GB, GIB = 1e9, 2**30
-PLANNED_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+PLANNED_SCHEDULES = SCHEDULE_NAMES  # all the framework runs, zero-bubble ones (zb_h1, zb_h2, zbv) included
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,12 @@ class Layout:
                 raise ValueError(f"layout.{key}={value!r} must be a positive integer")
         if self.dp % self.ep:
             raise ValueError(f"layout.ep={self.ep} must divide layout.dp={self.dp} (experts are split over DP ranks)")
-        if self.schedule not in PLANNED_SCHEDULES:  # their chunk c of rank r is virtual stage c * pp + r
+        if self.schedule not in PLANNED_SCHEDULES:
             raise ValueError(f"layout.schedule={self.schedule!r} is not one of {PLANNED_SCHEDULES}")
+        try:  # the framework's own rule: zbv runs exactly 2 chunks per rank, interleaved_1f1b >= 2, others 1
+            check_virtual_stages(self.schedule, self.virtual_stages)
+        except ValueError as err:
+            raise ValueError(f"layout.schedule={self.schedule}: {err}") from None
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"layout.recompute={self.recompute!r} is not one of {RECOMPUTE}")
 
@@ -156,6 +161,8 @@ class Layout:
         text = f"TP{self.tp} PP{self.pp} DP{self.dp}" + (f" EP{self.ep}" if self.ep > 1 else "")
         if self.virtual_stages > 1:
             text += f" v{self.virtual_stages}"
+        if self.schedule != "1f1b":
+            text += f" {self.schedule}"
         if self.micro_batch > 1:
             text += f" mb{self.micro_batch}"
         flags = [f for f, on in (("SP", self.sequence_parallel), ("ZeRO-1", self.zero1)) if on]

@@ -6,6 +6,11 @@ Step time = the pipeline's makespan + the exposed data-parallel reduction + the 
 - the makespan is pipeline/simulate.py run on the plan the executor runs (build_schedule), with the
   slowest stage's costs per action and one P2P transfer between stages: the bubble is the
   simulator's, not a formula;
+- a zero-bubble plan's backward runs as I then W: W costs the deferred weight-gradient matmuls
+  (dW = g^T x of every linear, as many FLOPs as its forward, cost.rank_layer_weight_flops) and I the
+  rest (input gradients, the attention core's backward, the routed experts, any recomputed forward),
+  instead of the simulator's default halves: a layer's I exceeds its W by twice its attention core
+  (more with recomputation), so I, on the critical path, is the longer part;
 - the DP bucket reductions start during the last micro batch's backward, so only what exceeds that
   backward is exposed; ZeRO-1's all-gather of the updated parameters follows the update and is exposed;
   partial-gradient sums and the norm follow too;
@@ -20,10 +25,12 @@ from dataclasses import dataclass, field
 
 from megatron_lite.layers.embedding import padded_vocab_size
 from megatron_lite.models.config import ModelConfig
+from megatron_lite.pipeline.schedules import ZERO_BUBBLE
 from megatron_lite.pipeline.simulate import simulate
 from megatron_lite.planner.activations import cached_plan, stage_activation_bytes
 from megatron_lite.planner.comm_volume import activation_bytes, microbatches, step_traffic, view_size
-from megatron_lite.planner.cost import collective_time, compute_time, link_of, rank_layer_flops
+from megatron_lite.planner.cost import (collective_time, compute_time, link_of, rank_layer_flops,
+                                        rank_layer_weight_flops)
 from megatron_lite.planner.params import rank_chunks, stage_memory
 from megatron_lite.planner.spec import Cluster, Layout, Workload
 from megatron_lite.training.metrics import model_flops_per_token
@@ -63,20 +70,23 @@ class Estimate:
         return self.metrics["step_s"] if self.kind == "training" else self.metrics["tpot_s"]
 
 
-def _stage_flops(cfg: ModelConfig, layout: Layout, stage: int, seq_length: int) -> tuple[float, float]:
-    """(forward, backward) FLOPs of one micro batch on one rank of the stage (recomputation included)."""
+def stage_flops(cfg: ModelConfig, layout: Layout, stage: int, seq_length: int) -> tuple[float, float, float]:
+    """(forward, backward, weight) FLOPs of one micro batch on one rank of the stage (recomputation
+    included); weight: the part of the backward a zero-bubble W runs (the rest, I, includes any
+    recomputed forward, which runs inside I)."""
     tokens = layout.micro_batch * seq_length
-    forward = backward = 0.0
+    forward = backward = weight = 0.0
     for layers, _, last in rank_chunks(cfg, layout, stage):
         for layer in layers:
             fwd, core = rank_layer_flops(cfg, layout, layer, tokens, seq_length)
             forward += fwd
             backward += 2 * fwd + {"none": 0.0, "full": fwd, "selective": core}[layout.recompute]
+            weight += rank_layer_weight_flops(cfg, layout, layer, tokens, seq_length)
         if last:
             logits = 2 * cfg.hidden_size * padded_vocab_size(cfg.vocab_size, layout.tp, cfg.vocab_pad_multiple) \
                 * tokens / layout.tp
-            forward, backward = forward + logits, backward + 2 * logits
-    return forward, backward
+            forward, backward, weight = forward + logits, backward + 2 * logits, weight + logits
+    return forward, backward, weight
 
 
 def view_times(traffic, layout: Layout, cluster: Cluster, stage: int = 0) -> dict[str, float]:
@@ -90,19 +100,23 @@ def view_times(traffic, layout: Layout, cluster: Cluster, stage: int = 0) -> dic
 
 
 def pipeline_time(schedule: str, p: int, m: int, v: int, forward: float, backward: float,
-                  comm: float) -> tuple[float, float]:
-    """(makespan, bubble fraction) of the plan simulated with these per-action costs. The simulator's
-    times scale with the costs, so it runs once per (plan, backward/forward, comm/forward) with the
-    ratios rounded to 3 significant digits (a search meets the same ones again; the makespan moves by
-    less than 0.1%) and its makespan is scaled by `forward`."""
-    ratios = tuple(float(f"{x / forward:.3g}") for x in (backward, comm))
+                  comm: float, weight: float | None = None) -> tuple[float, float]:
+    """(makespan, bubble fraction) of the plan simulated with these per-action costs; a zero-bubble plan's
+    W costs `weight` and its I the rest of the backward. The simulator's times scale with the costs, so it
+    runs once per (plan, cost ratios to forward) with the ratios rounded to 4 significant digits (a search
+    meets the same ones again; the makespan moves by less than 0.01%, the bubble fraction, small under
+    zero-bubble plans, by less than 0.1% of itself) and its makespan is scaled by `forward`."""
+    split = schedule in ZERO_BUBBLE
+    costs = (backward, comm) + ((backward - weight, weight) if split else ())
+    ratios = tuple(float(f"{x / forward:.4g}") for x in costs)
     unit, bubble = _unit_makespan(schedule, p, m, v, *ratios)
     return unit * forward, bubble
 
 
 @functools.lru_cache(maxsize=4096)
-def _unit_makespan(schedule: str, p: int, m: int, v: int, backward: float, comm: float) -> tuple[float, float]:
-    result = simulate(cached_plan(schedule, p, m, v), 1.0, backward, comm)
+def _unit_makespan(schedule: str, p: int, m: int, v: int, backward: float, comm: float,
+                   input_: float | None = None, weight: float | None = None) -> tuple[float, float]:
+    result = simulate(cached_plan(schedule, p, m, v), 1.0, backward, comm, input_cost=input_, weight_cost=weight)
     return result.makespan, result.bubble_fraction
 
 
@@ -125,27 +139,30 @@ def estimate_training(cfg: ModelConfig, cluster: Cluster, workload: Workload, la
     for stage, mem in enumerate(memories):
         traffic = step_traffic(cfg, layout, s, workload.global_batch, d, stage, 0, bucket_size_mb)
         times = view_times(traffic, layout, cluster, stage)
-        fwd_flops, bwd_flops = _stage_flops(cfg, layout, stage, s)
+        fwd_flops, bwd_flops, weight_flops = stage_flops(cfg, layout, stage, s)
         inside = sum(t for g, t in times.items() if g in CRITICAL_PATH) / m  # per micro batch, both directions
         overhead = cluster.layer_overhead * (len(mem.layers) + 1)  # the embedding or head as one more
         redo = {"none": 0.0, "full": 1.0, "selective": 0.0}[layout.recompute]
         forward = compute_time(fwd_flops, cluster, workload.dtype) + inside / 2 + overhead
         backward = compute_time(bwd_flops, cluster, workload.dtype) + inside / 2 + (2 + redo) * overhead
-        per_stage.append((forward, backward, traffic, times, mem))
+        # W: its matmuls and one pass of per-layer overhead; the TP collectives carry input gradients (I)
+        weight = compute_time(weight_flops, cluster, workload.dtype) + overhead
+        per_stage.append((forward, backward, traffic, times, mem, weight))
     forward = max(f for f, *_ in per_stage)
     backward = max(b for _, b, *_ in per_stage)
+    weight = max(w for *_, w in per_stage)  # the slowest stage's each, as forward and backward
     p2p = collective_time("send", activation_bytes(cfg, layout, s, d) // (
         layout.tp if layout.sequence_parallel and layout.tp > 1 else 1), 2, link_of(layout, cluster, "pp"))
     v = layout.virtual_stages
     if layout.pp > 1 or v > 1:
         makespan, bubble = pipeline_time(layout.schedule, layout.pp, m, v, forward / v, backward / v,
-                                         p2p if layout.pp > 1 else 0.0)
+                                         p2p if layout.pp > 1 else 0.0, weight / v)
     else:
         makespan, bubble = m * (forward + backward), 0.0
     # Per stage: what follows the last backward (DP reductions beyond it, ZeRO-1's gather, the partial
     # sums over the embedding and TP-block groups) and the optimizer update; the slowest stage counts.
     after = []
-    for _, backward_s, traffic, times, mem in per_stage:
+    for _, backward_s, traffic, times, mem, _ in per_stage:
         def seconds(views, ops):
             return sum(calls * collective_time(op, b / calls, view_size(layout, view, mem.stage),
                                                link_of(layout, cluster, view))
@@ -166,4 +183,6 @@ def estimate_training(cfg: ModelConfig, cluster: Cluster, workload: Workload, la
     metrics = {"step_s": step, "tokens_per_s": tokens / step, "bubble": bubble, "microbatches": m,
                "mfu": flops / step / (layout.world_size * cluster.flops(workload.dtype)),
                "forward_s": forward, "backward_s": backward, "makespan_s": makespan}
+    if layout.schedule in ZERO_BUBBLE:  # the backward's split the simulator ran: I = backward - W
+        metrics.update(input_s=backward - weight, weight_s=weight)
     return Estimate(layout, "training", stages, comm_bytes, dict(times), metrics)
