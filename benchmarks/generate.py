@@ -86,29 +86,58 @@ def prompts_for(args) -> list[list[int]]:
     return [torch.randint(0, args.vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def layout_worker(rank, world, tp, pp, groups, overlap, args):
+def layout_worker(rank, world, tp, pp, groups, overlap, batch_scale, args):
     torch.set_num_threads(1)
     cfg = model_config(args)
     layout = (ParallelLayout.from_mesh(ParallelSizes(tp=tp, pp=pp)) if world > 1
               else ParallelLayout.serial(device=args.device))
-    generator = Generator(cfg, layout, build_model_chunks(cfg, layout, seed=0), tp_overlap=overlap)
-    prompts = prompts_for(args)
+    chunks = build_model_chunks(cfg, layout, seed=0)
+    generator = Generator(cfg, layout, chunks, tp_overlap=overlap)
+    prompts = scaled_prompts(args, batch_scale)
     generator.generate(prompts, max_new_tokens=4, eos_id=None, groups=groups)  # warm-up
     best = None
     for _ in range(args.repeats):
+        layout.stats.reset()
         result = generator.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None, groups=groups)
         if best is None or result.tokens_per_s > best.tokens_per_s:
-            best = result
+            best, sent = result, sum(layout.stats.bytes.values())
     return {"tokens": best.tokens, "ttft_ms": best.ttft_s * 1e3, "tpot_ms": best.tpot_s * 1e3,
-            "tokens_per_s": best.tokens_per_s, "kv_mib": best.kv_cache_bytes / 2**20}
+            "tokens_per_s": best.tokens_per_s, "kv_mib": best.kv_cache_bytes / 2**20,
+            **bytes_per_token(chunks, prompts, groups, best.kv_cache_bytes, sent, args.new_tokens)}
 
 
-def run_layout(name, tp, pp, groups, overlap, args):
+def bytes_per_token(chunks, prompts, groups: int, kv_cache_bytes: int, comm_bytes: int, new_tokens: int) -> dict:
+    """This rank's bytes per generated token: its weights, read once per step of a group; the keys and
+    values a decode step reads (each sequence its own cache up to its position, on average the prompt +
+    half the new tokens); and what it handed to collectives and P2P sends (the comm counters), over the
+    tokens of the run."""
+    weights = sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters())
+    positions = max(map(len, prompts)) + new_tokens  # the cache's length (kv_cache_bytes = batch x this)
+    per_position = kv_cache_bytes / (len(prompts) * positions)
+    mean_context = sum(map(len, prompts)) / len(prompts) + new_tokens / 2
+    tokens = len(prompts) * new_tokens
+    return {"weight_bytes_per_token": weights / (len(prompts) / groups),
+            "kv_bytes_per_token": per_position * mean_context, "comm_bytes_per_token": comm_bytes / tokens}
+
+
+BYTE_KEYS = ("weight_bytes_per_token", "kv_bytes_per_token", "comm_bytes_per_token")
+
+
+def run_layout(name, tp, pp, groups, overlap, batch_scale, args):
     world = tp * pp
     if world == 1:
-        return layout_worker(0, 1, tp, pp, groups, overlap, args)
+        return layout_worker(0, 1, tp, pp, groups, overlap, batch_scale, args)
     backend = "nccl" if args.device == "cuda" else "gloo"  # NCCL: one GPU per rank
-    return run_on_ranks(layout_worker, world, tp, pp, groups, overlap, args, timeout_s=900, backend=backend)[0]
+    ranks = run_on_ranks(layout_worker, world, tp, pp, groups, overlap, batch_scale, args, timeout_s=900,
+                         backend=backend)
+    busiest = max(ranks, key=lambda r: sum(r[k] for k in BYTE_KEYS))  # the rank that moves the most bytes
+    return {**ranks[0], **{k: busiest[k] for k in BYTE_KEYS}}
+
+
+def scaled_prompts(args, batch_scale: float) -> list[list[int]]:
+    """--batch x batch_scale prompts: the first half of the batch's, or the batch's twice (each request's
+    greedy tokens do not depend on its neighbours, so they are checked against the batch's)."""
+    return (prompts_for(args) * 2)[: round(args.batch * batch_scale)]
 
 
 def cache_vs_recompute(args) -> dict:
@@ -227,12 +256,15 @@ def vs_transformers(args) -> dict:
             "prompt_len": args.prompt_len, "new_tokens": n, "repeats": args.hf_repeats, "rows": rows}
 
 
-LAYOUTS = {  # name: (tp, pp, groups, TP all-reduces overlapped with the other half batch's compute)
-    "serial": (1, 1, 1, False),
-    "tp2": (2, 1, 1, False),
-    "tp2 overlap": (2, 1, 1, True),
-    "pp2 m=1 (walk)": (1, 2, 1, False),
-    "pp2 m=2 (rotate)": (1, 2, 2, False),
+# name: (tp, pp, groups, TP all-reduces overlapped with the other half batch's compute, batch / --batch)
+LAYOUTS = {
+    "serial": (1, 1, 1, False, 1),
+    "serial half batch": (1, 1, 1, False, 0.5),
+    "tp2": (2, 1, 1, False, 1),
+    "tp2 overlap": (2, 1, 1, True, 1),
+    "pp2 m=1 (walk)": (1, 2, 1, False, 1),
+    "pp2 m=2 (rotate)": (1, 2, 2, False, 1),
+    "pp2 m=2 2x batch": (1, 2, 2, False, 2),
 }
 
 
@@ -270,21 +302,35 @@ def main():
           f"{args.vocab}, fp32; batch {args.batch}, prompts {args.prompt_len // 2}..{args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, greedy, "
           f"{'NCCL on GPUs' if args.device == 'cuda' else 'gloo on CPU, 1 thread per rank'}")
-    rows, reference = [], None
-    print(f"{'layout':<20}{'TTFT ms':>10}{'TPOT ms':>10}{'tokens/s':>10}{'KV MiB/rank':>13}")
+    rows, first = [], {}  # request i is prompt i % batch: its tokens as the first layout that ran it gave them
+    print(f"{'layout':<20}{'TTFT ms':>10}{'TPOT ms':>10}{'tokens/s':>10}{'KV MiB/rank':>13}"
+          f"{'KiB/token/rank: weights':>25}{'KV read':>9}{'comm':>8}")
     for name in args.layouts:
         result = run_layout(name, *LAYOUTS[name], args)
-        reference = reference or result["tokens"]
-        if result["tokens"] != reference:
-            raise SystemExit(f"{name}: tokens differ from {args.layouts[0]}'s")
+        for i, tokens in enumerate(result["tokens"]):
+            if first.setdefault(i % args.batch, (name, tokens))[1] != tokens:
+                raise SystemExit(f"{name}: the tokens of prompt {i % args.batch} differ from {first[i % args.batch][0]}'s")
         rows.append({"layout": name, **{k: v for k, v in result.items() if k != "tokens"}})
         print(f"{name:<20}{result['ttft_ms']:>10.1f}{result['tpot_ms']:>10.2f}{result['tokens_per_s']:>10.1f}"
-              f"{result['kv_mib']:>13.2f}")
+              f"{result['kv_mib']:>13.2f}{result['weight_bytes_per_token'] / 1024:>25.0f}"
+              f"{result['kv_bytes_per_token'] / 1024:>9.0f}{result['comm_bytes_per_token'] / 1024:>8.1f}")
     by_name = {r["layout"]: r for r in rows}
     out = {"rows": rows}
     if "pp2 m=1 (walk)" in by_name and "pp2 m=2 (rotate)" in by_name:
         out["pipelined_ratio"] = by_name["pp2 m=2 (rotate)"]["tokens_per_s"] / by_name["pp2 m=1 (walk)"]["tokens_per_s"]
         print(f"pipelined decode, PP2, batch {args.batch}: m=2 / m=1 tokens/s = {out['pipelined_ratio']:.2f}x")
+    if "serial" in by_name and "serial half batch" in by_name:
+        # m=2 groups of batch/2 rotating vs one group of batch walking: both stages busy at every tick, each
+        # on half the rows; what that gains depends on what halving a step's batch saves (and on the P2P
+        # latency the walking group pays at every stage boundary).
+        out["half_batch_step_ratio"] = by_name["serial"]["tpot_ms"] / by_name["serial half batch"]["tpot_ms"]
+        print(f"what halving the batch saves, serial TPOT at batch {args.batch} / at batch {args.batch // 2}: "
+              f"{out['half_batch_step_ratio']:.2f}x")
+    if "pp2 m=1 (walk)" in by_name and "pp2 m=2 2x batch" in by_name:
+        out["pipelined_same_group_ratio"] = (by_name["pp2 m=2 2x batch"]["tokens_per_s"]
+                                             / by_name["pp2 m=1 (walk)"]["tokens_per_s"])
+        print(f"pipelined decode, PP2, groups of {args.batch}: 2 groups rotating / 1 walking tokens/s = "
+              f"{out['pipelined_same_group_ratio']:.2f}x")
     if "tp2" in by_name and "tp2 overlap" in by_name:
         out["overlap_ratio"] = by_name["tp2 overlap"]["tokens_per_s"] / by_name["tp2"]["tokens_per_s"]
         print(f"TP2 with communication overlapped / without: tokens/s = {out['overlap_ratio']:.2f}x")

@@ -4,10 +4,12 @@
     .venv/bin/python benchmarks/planner_accuracy.py --model gpt2_tiny --steps 8 --json out.json
 
 1. Fit the machine (conf/cluster/cpu_local.yaml's terms): alpha and beta of gloo from all-reduces of
-   4 B to 4 MiB between 2 ranks (least squares on t = 2 alpha + bytes / beta); the matmul FLOP/s of the
-   model's own shapes (one thread); the fixed cost per layer and micro batch from two serial
-   forward+backward runs at micro batch 1 and 4 (t = overhead + FLOPs / rate); the memory bandwidth
-   of AdamW from one serial optimizer step.
+   16 KiB to 4 MiB (the activations and gradient buckets these runs move) between 2 ranks, each issued
+   after 2 ms of matmuls on both ranks as training issues them and averaged (least squares on the
+   relative error of t = 2 alpha + bytes / beta); the matmul FLOP/s of the model's own shapes (one
+   thread); the fixed cost per layer and micro batch from serial forward+backward steps of 4 micro
+   batches of 1 and of 4 sequences (t = overhead + FLOPs / rate); the memory bandwidth of AdamW from
+   the serial optimizer step.
 2. Predict each layout's step time with the planner (estimate_training) on that fitted cluster; ranks
    beyond the cores share them, so a rank's compute rate and overhead scale by world / cores.
 3. Run the layouts (train_step on spawned gloo ranks, one thread each), median of the timed steps of
@@ -42,13 +44,24 @@ from megatron_lite.planner.spec import GB, Layout, Link, load_cluster, load_mode
 from megatron_lite.planner.training_time import estimate_training  # noqa: E402
 from megatron_lite.training.step import run_schedule, train_step  # noqa: E402
 
-SIZES = [4 * 4**k for k in range(11)]  # 4 B .. 4 MiB
+SIZES = [16 * 2**10 * 4**k for k in range(5)]  # 16 KiB .. 4 MiB: the activations and gradient buckets these runs move
 LAYOUTS = {"serial": Layout(), "TP2": Layout(tp=2), "PP2": Layout(pp=2), "DP2": Layout(dp=2),
            "3D": Layout(tp=2, pp=2, dp=2)}
 
 
-def _all_reduce_times(rank, world, repeats):
+def _all_reduce_times(rank, world, repeats, gap_s):
+    """Mean seconds of an all-reduce per size, each after `gap_s` of matmuls on both ranks, as the training
+    loop issues them: between computations, which on a CPU share the cores gloo's transport runs on (an
+    all-reduce after compute costs 1.5-2x one issued back to back here), and the mean, because a step pays
+    the slow tail too."""
+    torch.set_num_threads(1)
     layout = ParallelLayout.from_mesh(ParallelSizes(dp=world))
+    a = torch.randn(128, 128)
+    start = time.perf_counter()
+    for _ in range(50):
+        a @ a
+    matmuls = max(1, round(gap_s / ((time.perf_counter() - start) / 50)))
+    matmuls = int(comm.all_reduce(torch.tensor([float(matmuls)]), layout.dp, op="max").item())  # same work on both
     out = []
     for size in SIZES:
         x = torch.zeros(size // 4)
@@ -56,21 +69,28 @@ def _all_reduce_times(rank, world, repeats):
             comm.all_reduce(x, layout.dp)
         times = []
         for _ in range(repeats):
-            comm.barrier()
+            for _ in range(matmuls):
+                a @ a
             start = time.perf_counter()
             comm.all_reduce(x, layout.dp)
             times.append(time.perf_counter() - start)
-        out.append(statistics.median(times))
+        out.append(statistics.mean(times))
     return out
 
 
-def fit_link(repeats: int = 30) -> Link:
-    """alpha, beta of t = 2 alpha + bytes / beta (a 2-rank ring all-reduce: 2 steps, 1x the bytes)."""
-    times = [max(t) for t in zip(*run_on_ranks(_all_reduce_times, 2, repeats))]
-    n = len(SIZES)
-    mean_s, mean_t = sum(SIZES) / n, sum(times) / n
-    slope = sum((s - mean_s) * (t - mean_t) for s, t in zip(SIZES, times)) / sum((s - mean_s) ** 2 for s in SIZES)
-    intercept = mean_t - slope * mean_s
+def fit_link(repeats: int = 60, gap_s: float = 2e-3) -> Link:
+    """alpha, beta of t = 2 alpha + bytes / beta (a 2-rank ring all-reduce: 2 steps, 1x the bytes), by least
+    squares on the relative error, so that the small and middle sizes (a TP all-reduce of activations is
+    tens to hundreds of KiB) count as much as the largest."""
+    times = [max(t) for t in zip(*run_on_ranks(_all_reduce_times, 2, repeats, gap_s))]
+    # minimise sum ((a + b s - t) / t)^2: the normal equations of the rows (1/t, s/t) against 1
+    rows = [(1 / t, s / t) for s, t in zip(SIZES, times)]
+    s11 = sum(u * u for u, _ in rows)
+    s12 = sum(u * v for u, v in rows)
+    s22 = sum(v * v for _, v in rows)
+    r1, r2 = sum(u for u, _ in rows), sum(v for _, v in rows)
+    det = s11 * s22 - s12 * s12
+    intercept, slope = (r1 * s22 - r2 * s12) / det, (s11 * r2 - s12 * r1) / det
     return Link(bandwidth=1 / slope, latency=max(intercept / 2, 0.0))
 
 
@@ -84,20 +104,21 @@ def matmul_flops(cfg, tokens: int, repeats: int = 20) -> float:
     return repeats * 2 * tokens * h * (f + h) / (time.perf_counter() - start)
 
 
-def _serial_times(cfg, seq: int, micro: int, repeats: int) -> tuple[float, float]:
-    """(forward + backward of one micro batch, one optimizer step), medians, one process."""
+def _serial_times(cfg, seq: int, micro: int, repeats: int, microbatches: int = 4) -> tuple[float, float]:
+    """(forward + backward of one micro batch, one optimizer step), medians, one process; the micro batch's
+    time from steps of `microbatches` of them, so that what a step pays once is not counted per micro batch."""
     layout = ParallelLayout.serial()
     chunks = build_model_chunks(cfg, layout, 0)
     optimizer = build_optimizer(chunks, layout, OptimizerConfig())
-    tokens = torch.randint(0, cfg.vocab_size, (micro, seq + 1))
-    plan = build_schedule("1f1b", 1, 1)
+    tokens = torch.randint(0, cfg.vocab_size, (micro * microbatches, seq + 1))
+    plan = build_schedule("1f1b", 1, microbatches)
     compute, update = [], []
     for _ in range(repeats + 2):
         start = time.perf_counter()
         run_schedule(chunks, plan, tokens[:, :-1], tokens[:, 1:], layout)
         mid = time.perf_counter()
         optimizer.step()
-        compute.append(mid - start)
+        compute.append((mid - start) / microbatches)
         update.append(time.perf_counter() - mid)
     return statistics.median(compute[2:]), statistics.median(update[2:])
 
@@ -146,12 +167,12 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="llama_tiny")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     workload = load_workload("training_cpu")
-    cfg, cluster, facts = fit_cluster(args.model, workload, repeats=5)
+    cfg, cluster, facts = fit_cluster(args.model, workload, repeats=8)
     cores = len(os.sched_getaffinity(0))
     print(f"fitted on {cores} cores: " + ", ".join(f"{k} {v:.3g}" for k, v in facts.items()))
     rows = []

@@ -47,3 +47,16 @@ def test_moe_benchmark_small_smoke(tmp_path):
     assert [r["system"] for r in train["rows"]] == ["ours-ep1-train", "ours-ep2-train"]
     assert train["equivalence_passed"] and train["loss_rel_diff"] < 1e-5  # EP1 and EP2 train the same model
     assert train["rows"][1]["all_to_all_median_s"] > 0.0
+
+
+def test_planner_accuracy_benchmark_smoke(tmp_path):
+    """benchmarks/planner_accuracy.py at its smallest: the machine is fitted, and a serial and a DP2 step
+    are predicted and measured (the errors themselves are the benchmark's to report, not checked here)."""
+    out = tmp_path / "accuracy.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "planner_accuracy.py"), "--layouts", "serial", "DP2",
+                    "--steps", "1", "--warmup", "1", "--json", str(out)], check=True, timeout=300, capture_output=True,
+                   cwd=ROOT)
+    result = json.loads(out.read_text())
+    assert result["fit"]["alpha_us"] > 0 and result["fit"]["beta_gbs"] > 0 and result["fit"]["model_gflops"] > 0
+    assert [r["layout"] for r in result["rows"]] == ["serial", "DP2"]
+    assert all(r["predicted_ms"] > 0 and r["measured_ms"] > 0 for r in result["rows"])
