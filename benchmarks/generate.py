@@ -109,8 +109,8 @@ def layout_worker(rank, world, tp, pp, groups, overlap, batch_scale, args):
 def bytes_per_token(chunks, prompts, groups: int, kv_cache_bytes: int, comm_bytes: int, new_tokens: int) -> dict:
     """This rank's bytes per generated token: its weights, read once per step of a group; the keys and
     values a decode step reads (each sequence its own cache up to its position, on average the prompt +
-    half the new tokens); and what it handed to collectives and P2P sends (the comm counters), over the
-    tokens of the run."""
+    half the new tokens); and the bytes of its collectives, sends and receives by the comm counters
+    (prefill and the logits' all-gather over TP included), over the tokens of the run."""
     weights = sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters())
     positions = max(map(len, prompts)) + new_tokens  # the cache's length (kv_cache_bytes = batch x this)
     per_position = kv_cache_bytes / (len(prompts) * positions)
@@ -324,7 +324,7 @@ def main():
         # on half the rows; what that gains depends on what halving a step's batch saves (and on the P2P
         # latency the walking group pays at every stage boundary).
         out["half_batch_step_ratio"] = by_name["serial"]["tpot_ms"] / by_name["serial half batch"]["tpot_ms"]
-        print(f"what halving the batch saves, serial TPOT at batch {args.batch} / at batch {args.batch // 2}: "
+        print(f"what halving the batch saves, serial TPOT at batch {args.batch} / at batch {round(args.batch / 2)}: "
               f"{out['half_batch_step_ratio']:.2f}x")
     if "pp2 m=1 (walk)" in by_name and "pp2 m=2 2x batch" in by_name:
         out["pipelined_same_group_ratio"] = (by_name["pp2 m=2 2x batch"]["tokens_per_s"]

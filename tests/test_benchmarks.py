@@ -57,6 +57,6 @@ def test_planner_accuracy_benchmark_smoke(tmp_path):
                     "--steps", "1", "--warmup", "1", "--json", str(out)], check=True, timeout=300, capture_output=True,
                    cwd=ROOT)
     result = json.loads(out.read_text())
-    assert result["fit"]["alpha_us"] > 0 and result["fit"]["beta_gbs"] > 0 and result["fit"]["model_gflops"] > 0
+    assert result["fit"]["alpha_us"] >= 0 and result["fit"]["beta_gbs"] > 0 and result["fit"]["model_gflops"] > 0
     assert [r["layout"] for r in result["rows"]] == ["serial", "DP2"]
     assert all(r["predicted_ms"] > 0 and r["measured_ms"] > 0 for r in result["rows"])

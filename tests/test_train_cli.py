@@ -13,7 +13,9 @@ from megatron_lite.parallel.layout import ParallelLayout
 from megatron_lite.parallel.spawn import run_on_ranks
 from megatron_lite.training.config import compose
 from megatron_lite.training.logging import read_offline_run
+from megatron_lite.training.resume import ResumePlan
 from megatron_lite.training.sample import generation_chunks
+from megatron_lite.training.trainer import _final_checkpoint
 from megatron_lite.training.setup import check_run_config, resolve_data_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,10 +113,21 @@ def test_end_of_run_sample_is_the_same_text_under_every_layout(tmp_path):
     assert _sample(parallel.stdout) == _sample(serial.stdout)
 
 
+def test_the_sample_regroups_from_the_checkpoint_that_holds_the_final_weights():
+    cfg, plan = compose([]), ResumePlan("run", save_dir="/ckpt", load_dir="/other", load_step=7, source="resume_from")
+    assert _final_checkpoint(cfg, plan, {"last_step": 9, "saved_step": 9}) == ("/ckpt", 9)
+    assert _final_checkpoint(cfg, plan, {}) == ("/other", 7)  # resumed with nothing left to train
+    # The final save was refused (a skipped last step, non-finite weights): no older step stands in for it.
+    assert _final_checkpoint(cfg, plan, {"last_step": 9}) == "the final checkpoint was not written"
+    assert _final_checkpoint(compose(["checkpoint.dir=null"]), ResumePlan("run"), {"last_step": 9}) == \
+        "checkpoint.dir is null"
+
+
 def test_no_sample_when_chunks_cannot_be_regrouped():
-    chunks, reason = generation_chunks(compose([]), ["chunk 0", "chunk 1"], ParallelLayout.serial(), None, 2)
-    assert chunks is None
-    assert reason == "2 model chunks per rank are regrouped into one through a checkpoint, and checkpoint.dir is null"
+    for why in ("checkpoint.dir is null", "the final checkpoint was not written"):
+        chunks, reason = generation_chunks(compose([]), ["chunk 0", "chunk 1"], ParallelLayout.serial(), why)
+        assert chunks is None
+        assert reason == f"2 model chunks per rank are regrouped into one through the final checkpoint, and {why}"
 
 
 CONSOLE_LINE = re.compile(r"^step +(\d+)/12 \| loss (\d+\.\d{4}) \| lr \d\.\de-\d\d \| gnorm \S+ \| tok/s [\d,]+ \| "

@@ -115,5 +115,5 @@ def test_the_previous_batching_hangs_on_real_ranks_with_in_order_semantics():
     a time, hangs (and the harness turns the hang into an error)."""
     start = time.monotonic()
     with pytest.raises(RankFailure, match="timed out"):
-        run_on_ranks(_old_batching_on_strict_transport, 2, timeout_s=15)
+        run_on_ranks(_old_batching_on_strict_transport, 2, timeout_s=6)
     assert time.monotonic() - start < 60

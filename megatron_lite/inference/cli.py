@@ -99,7 +99,9 @@ def check(cfg: RunConfig, options: GenerateOptions) -> list[str]:
 class TextStream:
     """The text of a growing list of token ids, handed out as it becomes final. A character whose bytes
     span tokens decodes as U+FFFD until its last byte comes, so trailing U+FFFD is held back until a
-    later token settles it or the stream ends; what was handed out never changes."""
+    later token settles it or the stream ends. A decoder that rewrites earlier text (WordPiece-style
+    cleanup of spaces) makes the new text no extension of what was shown: nothing more is shown then
+    until it is again; what was handed out never changes."""
 
     def __init__(self, decode: Callable[[list[int]], str], eos_id: int | None):
         self.decode, self.eos_id = decode, eos_id
@@ -114,6 +116,8 @@ class TextStream:
         return self._advance(self.decode(self.ids))
 
     def _advance(self, text: str) -> str:
+        if not text.startswith(self.shown):
+            return ""
         new, self.shown = text[len(self.shown):], text
         return new
 

@@ -64,7 +64,10 @@ def import_deepspeed():
     # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce at init_distributed, used only by
     # its inference all-reduce, which we never call. The compile takes minutes on a fresh machine, and a rank
     # killed during it leaves torch's build lock behind, on which every later run waits forever.
-    deepspeed.ops.__compatible_ops__[SHARED_MEMORY_COMM_OP] = False
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":  # elsewhere it is not built, and the probe below is not needed
+        deepspeed.ops.__compatible_ops__[SHARED_MEMORY_COMM_OP] = False
     if logger.getEffectiveLevel() < logging.WARNING:
         logger.setLevel(logging.WARNING)
     return deepspeed

@@ -3,6 +3,7 @@ trained weights, with the same sampling and seeds in every layout."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 from megatron_lite.checkpoint import CheckpointError, load_checkpoint
@@ -14,28 +15,35 @@ from megatron_lite.training.config import RunConfig
 TEMPERATURE, TOP_K = 0.8, 20
 
 
-def generation_chunks(cfg: RunConfig, chunks, layout: ParallelLayout, checkpoint_dir: str | None, step: int):
+def generation_chunks(cfg: RunConfig, chunks, layout: ParallelLayout, final_checkpoint: tuple[str, int] | str):
     """This rank's model as the inference engine runs it (one stage per pipeline rank, no sequence
     parallelism), or None with the reason. The trained chunks themselves where they are that already;
     with sequence parallelism (fixed when the layers are built) the same stage rebuilt without it,
     sharing the trained tensors; with several chunks per rank (interleaved, ZBV) a regrouped stage
-    loaded from the checkpoint of `step` just written, which is what moves layers between ranks."""
+    loaded from `final_checkpoint` (directory, step), which is what moves layers between ranks, or the
+    reason there is none."""
     options = replace(cfg.build_options(), sequence_parallel=False, recompute="none")
     if len(chunks) == 1:
         if not (chunks[0].options.sequence_parallel and layout.tp.size > 1):
             return chunks, None
         rebuilt = build_model_chunks(cfg.model_config(), layout, cfg.seed, 1, cfg.parallel.layers_per_stage,
                                      options=options, initialize=False)
+        trained = dict(chunks[0].named_parameters())
         rebuilt[0].load_state_dict(chunks[0].state_dict(), assign=True)
+        for name, param in rebuilt[0].named_parameters():  # assign made new Parameters: keep their placement
+            param.__dict__.update({k: v for k, v in trained[name].__dict__.items() if k not in param.__dict__})
         return rebuilt, None
-    if checkpoint_dir is None:
-        return None, (f"{len(chunks)} model chunks per rank are regrouped into one through a checkpoint, and "
-                      "checkpoint.dir is null")
+    prefix = f"{len(chunks)} model chunks per rank are regrouped into one through the final checkpoint, and "
+    if isinstance(final_checkpoint, str):
+        return None, prefix + final_checkpoint
+    directory, step = final_checkpoint
     rebuilt = build_model_chunks(cfg.model_config(), layout, cfg.seed, 1, None, options=options, initialize=False)
     try:
-        load_checkpoint(checkpoint_dir, rebuilt, None, layout, step=step)
-    except CheckpointError as err:
-        return None, f"the checkpoint of step {step} did not load ({err})"
+        with warnings.catch_warnings():  # dropout generators are re-seeded: generation runs in eval mode
+            warnings.filterwarnings("ignore", message=".*dropout generators re-seeded.*")
+            load_checkpoint(directory, rebuilt, None, layout, step=step, verify=False)  # its save ended in a barrier
+    except (CheckpointError, FileNotFoundError) as err:
+        return None, prefix + f"step {step} of {directory} did not load ({err})"
     return rebuilt, None
 
 

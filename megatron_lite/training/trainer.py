@@ -29,8 +29,6 @@ from megatron_lite.training.setup import build_datasets, build_layout, build_tra
 from megatron_lite.training.step import run_schedule
 
 
-# Above this size the sample at the end (a full-window forward per token, no KV cache) is skipped.
-
 
 @torch.no_grad()
 def evaluate(chunks, plan: PipelinePlan, dataset, layout, cfg: RunConfig) -> float:
@@ -234,8 +232,8 @@ def _loop(cfg, plan, layout, data, trainable, pipeline, sampler, logger, timer, 
             return
         if save_dir and ckpt.interval and done % ckpt.interval == 0 and done < cfg.trainer.max_steps:
             save()
-    if save_dir and done > start_step:
-        save()
+    if save_dir and done > start_step and save():
+        history["saved_step"] = done
 
 
 def decide_resume(cfg: RunConfig, layout, output_dir: str | None, plan: ResumePlan | None):
@@ -345,8 +343,7 @@ def _train(cfg: RunConfig, layout, plan: ResumePlan, output_dir: str | None) -> 
         return history
 
     if cfg.trainer.sample_tokens:
-        sample_chunks, reason = generation_chunks(cfg, chunks, layout, plan.save_dir,
-                                                    history.get("last_step", start_step))
+        sample_chunks, reason = generation_chunks(cfg, chunks, layout, _final_checkpoint(cfg, plan, history))
         if sample_chunks is None:
             logger.message(f"no sample at the end: {reason}")
         else:
@@ -356,6 +353,17 @@ def _train(cfg: RunConfig, layout, plan: ResumePlan, output_dir: str | None) -> 
             logger.message("sample from the model after training:\n" + text)
     logger.finish()
     return history
+
+
+def _final_checkpoint(cfg: RunConfig, plan: ResumePlan, history: dict) -> tuple[str, int] | str:
+    """(directory, step) of the checkpoint holding the weights the run ended with, or why there is none."""
+    if "saved_step" in history:
+        return plan.save_dir, history["saved_step"]
+    if "last_step" not in history and plan.load_step is not None:  # nothing left to train: what was loaded
+        return plan.load_dir, plan.load_step
+    if not cfg.checkpoint.dir:
+        return "checkpoint.dir is null"
+    return "the final checkpoint was not written"
 
 
 def run_rank(rank: int, world_size: int, cfg: RunConfig, output_dir: str | None, plan: ResumePlan | None) -> dict:
