@@ -264,7 +264,8 @@ def checkpoint_worker(rank, world, sizes: ParallelSizes, root: str, load: bool, 
     return losses
 
 
-@pytest.mark.parametrize("target", [ParallelSizes(), ParallelSizes(dp=4, ep=4), ParallelSizes(tp=2),
+@pytest.mark.parametrize("target", [pytest.param(ParallelSizes(), marks=pytest.mark.matrix), ParallelSizes(dp=4, ep=4),
+                                    pytest.param(ParallelSizes(tp=2), marks=pytest.mark.matrix),
                                     ParallelSizes(dp=2, ep=2)], ids=["ep1", "ep4", "tp2-ep1", "ep2"])
 def test_a_checkpoint_saved_at_ep2_continues_under_other_expert_layouts(tmp_path, target):
     root = str(tmp_path / "ckpt")

@@ -21,7 +21,13 @@ CASES = (
 )
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+# LLaMA with selective recomputation and the interleaved GPT-2 case with both stay in every run.
+MATRIX = {"gpt2_deep tp=2 pp=2 dp=2 m=2 1f1b recompute=full", "gpt2_deep tp=2 pp=2 dp=2 m=2 1f1b recompute=selective",
+          "llama_deep tp=2 pp=2 dp=2 m=2 1f1b recompute=full"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.matrix) if str(c) in MATRIX else c
+                                  for c in CASES], ids=str)
 def test_matches_serial(case, equivalence_report):
     check_case(case, equivalence_report)
 

@@ -232,6 +232,7 @@ def test_training_on_a_blend_of_preprocessed_corpora(tmp_path):
     assert missing.returncode != 0 and str(tmp_path / "nope") in missing.stderr
 
 
+@pytest.mark.matrix  # the backend's equivalence is tests/test_deepspeed_backend.py's; this is its config path
 def test_deepspeed_backend_from_the_config_trains_like_the_native_optimizer(tmp_path):
     common = ("parallel.tp=2", "parallel.dp=2", "checkpoint.dir=null", "trainer.max_steps=3", "trainer.log_interval=1",
               "trainer.eval_interval=100", "trainer.sample_tokens=0", "trainer.seq_length=32")
