@@ -22,12 +22,15 @@ def generation_chunks(cfg: RunConfig, chunks, layout: ParallelLayout, final_chec
     sharing the trained tensors; with several chunks per rank (interleaved, ZBV) a regrouped stage
     loaded from `final_checkpoint` (directory, step), which is what moves layers between ranks, or the
     reason there is none."""
-    options = replace(cfg.build_options(), sequence_parallel=False, recompute="none")
+    def one_stage(layers_per_stage):
+        options = replace(cfg.build_options(), sequence_parallel=False, recompute="none")
+        return build_model_chunks(cfg.model_config(), layout, cfg.seed, 1, layers_per_stage, options=options,
+                                  initialize=False)
+
     if len(chunks) == 1:
         if not (chunks[0].options.sequence_parallel and layout.tp.size > 1):
             return chunks, None
-        rebuilt = build_model_chunks(cfg.model_config(), layout, cfg.seed, 1, cfg.parallel.layers_per_stage,
-                                     options=options, initialize=False)
+        rebuilt = one_stage(cfg.parallel.layers_per_stage)
         trained = dict(chunks[0].named_parameters())
         rebuilt[0].load_state_dict(chunks[0].state_dict(), assign=True)
         for name, param in rebuilt[0].named_parameters():  # assign made new Parameters: keep their placement
@@ -37,7 +40,7 @@ def generation_chunks(cfg: RunConfig, chunks, layout: ParallelLayout, final_chec
     if isinstance(final_checkpoint, str):
         return None, prefix + final_checkpoint
     directory, step = final_checkpoint
-    rebuilt = build_model_chunks(cfg.model_config(), layout, cfg.seed, 1, None, options=options, initialize=False)
+    rebuilt = one_stage(None)  # the even split: the chunks' own split is per chunk
     try:
         with warnings.catch_warnings():  # dropout generators are re-seeded: generation runs in eval mode
             warnings.filterwarnings("ignore", message=".*dropout generators re-seeded.*")

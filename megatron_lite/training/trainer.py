@@ -29,7 +29,6 @@ from megatron_lite.training.setup import build_datasets, build_layout, build_tra
 from megatron_lite.training.step import run_schedule
 
 
-
 @torch.no_grad()
 def evaluate(chunks, plan: PipelinePlan, dataset, layout, cfg: RunConfig) -> float:
     """Mean loss over the first `eval_batches` global batches of `dataset` (the same ones every time),
