@@ -3,17 +3,20 @@
     .venv/bin/python benchmarks/planner_accuracy.py                    # llama_tiny: serial fit, TP2, PP2, DP2, 3D
     .venv/bin/python benchmarks/planner_accuracy.py --model gpt2_tiny --steps 8 --json out.json
 
-1. Fit the machine (conf/cluster/cpu_local.yaml's terms): alpha and beta of gloo from all-reduces of
-   16 KiB to 4 MiB (the activations and gradient buckets these runs move) between 2 ranks, each issued
-   after 2 ms of matmuls on both ranks as training issues them and averaged (least squares on the
-   relative error of t = 2 alpha + bytes / beta); the matmul FLOP/s of the model's own shapes (one
-   thread); the fixed cost per layer and micro batch from serial forward+backward steps of 4 micro
-   batches of 1 and of 4 sequences (t = overhead + FLOPs / rate); the memory bandwidth of AdamW from
-   the serial optimizer step.
+1. Fit the machine (conf/cluster/cpu_local.yaml's terms): gloo's time per ring step against its bytes
+   (Link.measured, the curve the planner prices collectives with; alpha and beta of a least-squares line
+   are reported) from 2-rank all-reduces of 4 KiB to 4 MiB (the losses, activations and gradient buckets
+   these runs move), each issued after 2 ms of matmuls on both ranks as training issues them and
+   averaged; the bandwidth of the norms and residual adds (the work TP ranks repeat) from a forward and
+   backward of them at the model's hidden size; the model's FLOP/s and fixed cost per layer and micro
+   batch from serial forward+backward steps of 4 micro batches of 1 and of 4 sequences (t - norms =
+   overhead + FLOPs / rate); the memory bandwidth of AdamW from the serial optimizer step.
 2. Predict each layout's step time with the planner (estimate_training) on that fitted cluster; ranks
    beyond the cores share them, so a rank's compute rate and overhead scale by world / cores.
 3. Run the layouts (train_step on spawned gloo ranks, one thread each), median of the timed steps of
    the slowest rank, and print |predicted - measured| / measured (target <= 15%).
+4. Repeat 1-3 (--rounds): this machine's speed drifts by 10-15% within a minute, so every round predicts
+   from its own fit, and the median error over the rounds is the figure.
 """
 
 from __future__ import annotations
@@ -38,13 +41,13 @@ from megatron_lite.parallel.layout import ParallelLayout, ParallelSizes  # noqa:
 from megatron_lite.parallel.spawn import run_on_ranks  # noqa: E402
 from megatron_lite.pipeline.schedules import build_schedule  # noqa: E402
 from megatron_lite.planner.comm_volume import microbatches  # noqa: E402
-from megatron_lite.planner.cost import layer_forward_flops  # noqa: E402
+from megatron_lite.planner.cost import LAYER_PASSES, NORM_PASSES, layer_forward_flops, replicated_time  # noqa: E402
 from megatron_lite.planner.params import stage_memory  # noqa: E402
 from megatron_lite.planner.spec import GB, Layout, Link, load_cluster, load_model, load_workload  # noqa: E402
 from megatron_lite.planner.training_time import estimate_training  # noqa: E402
 from megatron_lite.training.step import run_schedule, train_step  # noqa: E402
 
-SIZES = [16 * 2**10 * 4**k for k in range(5)]  # 16 KiB .. 4 MiB: the activations and gradient buckets these runs move
+SIZES = [4 * 2**10 * 4**k for k in range(6)]  # 4 KiB .. 4 MiB: the losses, activations and gradient buckets these runs move
 LAYOUTS = {"serial": Layout(), "TP2": Layout(tp=2), "PP2": Layout(pp=2), "DP2": Layout(dp=2),
            "3D": Layout(tp=2, pp=2, dp=2)}
 
@@ -79,9 +82,9 @@ def _all_reduce_times(rank, world, repeats, gap_s):
 
 
 def fit_link(repeats: int = 60, gap_s: float = 2e-3) -> Link:
-    """alpha, beta of t = 2 alpha + bytes / beta (a 2-rank ring all-reduce: 2 steps, 1x the bytes), by least
-    squares on the relative error, so that the small and middle sizes (a TP all-reduce of activations is
-    tens to hundreds of KiB) count as much as the largest."""
+    """The measured curve of a step's time against its bytes (what the planner uses, Link.measured), and
+    alpha, beta of t = 2 alpha + bytes / beta (a 2-rank ring all-reduce: 2 steps, 1x the bytes) by least
+    squares on the relative error, reported and used beyond the largest size."""
     times = [max(t) for t in zip(*run_on_ranks(_all_reduce_times, 2, repeats, gap_s))]
     # minimise sum ((a + b s - t) / t)^2: the normal equations of the rows (1/t, s/t) against 1
     rows = [(1 / t, s / t) for s, t in zip(SIZES, times)]
@@ -91,7 +94,9 @@ def fit_link(repeats: int = 60, gap_s: float = 2e-3) -> Link:
     r1, r2 = sum(u for u, _ in rows), sum(v for _, v in rows)
     det = s11 * s22 - s12 * s12
     intercept, slope = (r1 * s22 - r2 * s12) / det, (s11 * r2 - s12 * r1) / det
-    return Link(bandwidth=1 / slope, latency=max(intercept / 2, 0.0))
+    # The curve itself too: a 2-rank all-reduce of s bytes is 2 ring steps of s / 2 bytes.
+    return Link(bandwidth=1 / slope, latency=max(intercept / 2, 0.0),
+                measured=tuple((s / 2, t / 2) for s, t in zip(SIZES, times)))
 
 
 def matmul_flops(cfg, tokens: int, repeats: int = 20) -> float:
@@ -102,6 +107,35 @@ def matmul_flops(cfg, tokens: int, repeats: int = 20) -> float:
         torch.nn.functional.linear(x, w1)
         torch.nn.functional.linear(x, w2)
     return repeats * 2 * tokens * h * (f + h) / (time.perf_counter() - start)
+
+
+def elementwise_bandwidth(cfg, tokens: int, repeats: int = 30) -> float:
+    """Bytes/s of the norms and residual adds (cost.replicated_time's passes), forward and backward, at the
+    model's hidden size over `tokens` rows: the work TP ranks repeat."""
+    h = cfg.hidden_size
+    x = torch.randn(tokens, h, requires_grad=True)
+    weight, bias = torch.ones(h, requires_grad=True), torch.zeros(h, requires_grad=True)
+
+    def norm(y):
+        if cfg.norm == "rmsnorm":
+            return torch.nn.functional.rms_norm(y, (h,), weight, cfg.norm_eps)
+        return torch.nn.functional.layer_norm(y, (h,), weight, bias, cfg.norm_eps)
+
+    def step():
+        y = x
+        for _ in range(cfg.num_layers):
+            y = y + norm(y)
+            y = y + norm(y)
+        norm(y).backward(torch.ones_like(x))
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    seconds = (time.perf_counter() - start) / repeats
+    passes = sum(cfg.num_layers * LAYER_PASSES[k] + NORM_PASSES[k] for k in ("forward", "backward"))
+    return passes * tokens * h * 4 / seconds
 
 
 def _serial_times(cfg, seq: int, micro: int, repeats: int, microbatches: int = 4) -> tuple[float, float]:
@@ -130,16 +164,21 @@ def fit_cluster(model: str, workload, repeats: int):
     base = load_cluster("cpu_local")
     flops_of = lambda mb: sum(sum(layer_forward_flops(cfg, i, mb * seq, seq)) for i in range(cfg.num_layers)) * 3
     (t1, update), (t4, _) = _serial_times(cfg, seq, 1, repeats), _serial_times(cfg, seq, 4, repeats)
+    elementwise = elementwise_bandwidth(cfg, 4 * seq)
+    probe = replace(base, elementwise_bandwidth=elementwise)
+    norms_of = lambda mb: sum(replicated_time(cfg, Layout(micro_batch=mb), probe, cfg.num_layers, True, mb * seq, 4))
+    t1, t4 = t1 - norms_of(1), t4 - norms_of(4)  # what the FLOPs and the per-layer overhead account for
     rate = (flops_of(4) - flops_of(1)) / max(t4 - t1, 1e-9)  # FLOP/s of the model's own work
     overhead = max(t1 - flops_of(1) / rate, 0.0) / (3 * (cfg.num_layers + 1))
     memory = stage_memory(cfg, Layout(), 0, workload.dtype_bytes)
     bandwidth = 2 * (memory.parameter_bytes + memory.gradient_bytes + memory.optimizer_bytes) / update
     link = fit_link()
     fitted = replace(base, peak_flops={workload.dtype: rate}, mfu_ceiling=1.0, layer_overhead=overhead,
+                     elementwise_bandwidth=elementwise,
                      memory_bandwidth=bandwidth, intra_node=link, inter_node=link)
     facts = {"matmul_gflops": matmul_flops(cfg, 4 * seq) / 1e9, "model_gflops": rate / 1e9,
              "layer_overhead_us": overhead * 1e6, "alpha_us": link.latency * 1e6,
-             "beta_gbs": link.bandwidth / GB, "adamw_gbs": bandwidth / GB}
+             "beta_gbs": link.bandwidth / GB, "adamw_gbs": bandwidth / GB, "elementwise_gbs": elementwise / GB}
     return cfg, fitted, facts
 
 
@@ -162,36 +201,60 @@ def _timed_steps(rank, world, model, layout: Layout, workload, warmup, steps):
     return times[warmup:]
 
 
+def predict_and_measure(cfg, cluster, workload, name: str, args, cores: int) -> tuple[float, float]:
+    """(predicted, measured) seconds of a step of layout `name`: the measured one the median over the timed
+    steps of the slowest rank's."""
+    layout = replace(LAYOUTS[name], micro_batch=args.micro_batch)
+    share = max(1.0, layout.world_size / cores)  # ranks beyond the cores take turns
+    rank_cluster = replace(cluster, peak_flops={k: v / share for k, v in cluster.peak_flops.items()},
+                           layer_overhead=cluster.layer_overhead * share,
+                           elementwise_bandwidth=cluster.elementwise_bandwidth / share)
+    predicted = estimate_training(cfg, rank_cluster, workload, layout).metrics["step_s"]
+    runs = run_on_ranks(_timed_steps, layout.world_size, args.model, layout, workload, args.warmup, args.steps,
+                        timeout_s=600)
+    return predicted, statistics.median(max(step) for step in zip(*runs))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama_tiny")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--fit-repeats", type=int, default=12, help="serial steps per micro batch size in the fit")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="fit-then-run rounds; the machine's speed drifts by 10-15%% within a minute here, so each "
+                             "round's layouts are predicted from that round's fit and the median error counts")
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     workload = load_workload("training_cpu")
-    cfg, cluster, facts = fit_cluster(args.model, workload, repeats=8)
     cores = len(os.sched_getaffinity(0))
-    print(f"fitted on {cores} cores: " + ", ".join(f"{k} {v:.3g}" for k, v in facts.items()))
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in args.layouts}
+    fits = []
+    for round_ in range(args.rounds):
+        cfg, cluster, facts = fit_cluster(args.model, workload, repeats=args.fit_repeats)
+        fits.append(facts)
+        print(f"round {round_ + 1}, fitted on {cores} cores: " + ", ".join(f"{k} {v:.3g}" for k, v in facts.items()))
+        for name in args.layouts:
+            predicted, measured = predict_and_measure(cfg, cluster, workload, name, args, cores)
+            results[name].append((predicted, measured))
+            print(f"  {name:6s} predicted {predicted * 1e3:8.1f} ms  measured {measured * 1e3:8.1f} ms  "
+                  f"|error| {abs(predicted - measured) / measured * 100:5.1f}%")
     rows = []
+    print(f"median over {args.rounds} round(s), {args.model}, {workload.global_batch} x {workload.seq_length} tokens:")
     for name in args.layouts:
+        errors = [abs(p - m) / m for p, m in results[name]]
+        rows.append({"layout": name, "predicted_ms": statistics.median(p for p, _ in results[name]) * 1e3,
+                     "measured_ms": statistics.median(m for _, m in results[name]) * 1e3,
+                     "error": statistics.median(errors), "errors": errors})
         layout = replace(LAYOUTS[name], micro_batch=args.micro_batch)
-        share = max(1.0, layout.world_size / cores)  # ranks beyond the cores take turns
-        rank_cluster = replace(cluster, peak_flops={k: v / share for k, v in cluster.peak_flops.items()},
-                               layer_overhead=cluster.layer_overhead * share)
-        predicted = estimate_training(cfg, rank_cluster, workload, layout).metrics["step_s"]
-        runs = run_on_ranks(_timed_steps, layout.world_size, args.model, layout, workload, args.warmup, args.steps,
-                            timeout_s=600)
-        measured = statistics.median(max(step) for step in zip(*runs))
-        error = abs(predicted - measured) / measured
-        rows.append({"layout": name, "predicted_ms": predicted * 1e3, "measured_ms": measured * 1e3, "error": error})
-        print(f"{name:6s} {layout.describe():28s} predicted {predicted * 1e3:8.1f} ms  measured "
-              f"{measured * 1e3:8.1f} ms  |error| {error * 100:5.1f}%")
+        print(f"{name:6s} {layout.describe():28s} predicted {rows[-1]['predicted_ms']:8.1f} ms  measured "
+              f"{rows[-1]['measured_ms']:8.1f} ms  |error| {rows[-1]['error'] * 100:5.1f}% "
+              f"(rounds {min(errors) * 100:.1f}-{max(errors) * 100:.1f}%)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "fit": facts, "rows": rows}, f, indent=1)
+            json.dump({"model": args.model, "fit": fits[-1], "fits": fits, "rows": rows}, f, indent=1)
     return 0
 
 

@@ -54,7 +54,7 @@ def test_planner_accuracy_benchmark_smoke(tmp_path):
     are predicted and measured (the errors themselves are the benchmark's to report, not checked here)."""
     out = tmp_path / "accuracy.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "planner_accuracy.py"), "--layouts", "serial", "DP2",
-                    "--steps", "1", "--warmup", "1", "--json", str(out)], check=True, timeout=300, capture_output=True,
+                    "--steps", "1", "--warmup", "1", "--rounds", "1", "--fit-repeats", "2", "--json", str(out)], check=True, timeout=300, capture_output=True,
                    cwd=ROOT)
     result = json.loads(out.read_text())
     assert result["fit"]["alpha_us"] >= 0 and result["fit"]["beta_gbs"] > 0 and result["fit"]["model_gflops"] > 0

@@ -23,14 +23,15 @@ from megatron_lite.pipeline.schedules import build_schedule
 from megatron_lite.pipeline.simulate import analytic_bubble_fraction, simulate
 from megatron_lite.planner.activations import schedule_peaks
 from megatron_lite.planner.cli import main
-from megatron_lite.planner.cost import collective_time, link_of
+from megatron_lite.planner.cost import collective_time, link_of, replicated_time
 from megatron_lite.planner.inference_time import decode_traffic, estimate_inference
 from megatron_lite.planner.params import model_parameters, stage_memory
 from megatron_lite.planner.search import search, structural_reason
 from megatron_lite.models.transformer import parameter_counts
-from megatron_lite.planner.spec import (GIB, Layout, Workload, load_cluster, load_model, load_workload,
+from megatron_lite.planner.spec import (GIB, Layout, Link, Workload, _read_preset, cluster_from_dict, load_cluster,
+                                        load_model, load_workload,
                                         preset_names)
-from megatron_lite.planner.training_time import estimate_training, stage_flops
+from megatron_lite.planner.training_time import estimate_training, exposed_reduction, stage_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA2_70B = load_model("llama2_70b")
@@ -293,3 +294,60 @@ def test_objectives_rank_differently():
     assert rates == sorted(rates, reverse=True)
     with pytest.raises(ValueError, match="objective='cheap' is not one of"):
         search(cfg, cluster, workload, objective="cheap")
+
+
+def test_data_parallel_buckets_expose_at_least_the_last_reduction():
+    """The bucket reductions start as the last backward makes their gradients final (evenly over it) and run
+    one after another: one bucket is exposed whole; many small ones hide all but the last; reductions
+    longer than the backward expose their excess plus the hold-ups. Worked by hand."""
+    assert exposed_reduction([3.0], backward_s=10.0) == 3.0
+    assert exposed_reduction([1.0] * 4, backward_s=10.0) == pytest.approx(1.0)  # ready at 2.5, 5, 7.5, 10
+    assert exposed_reduction([4.0] * 4, backward_s=10.0) == pytest.approx(8.5)  # 2.5 + 16 = 18.5
+    assert exposed_reduction([], backward_s=10.0) == 0.0
+    # The step pays it: a one-bucket DP2 step is the serial makespan's half plus the whole all-reduce.
+    cfg, cluster = load_model("llama_tiny"), load_cluster("cpu_local")
+    workload = load_workload("training_cpu")
+    one = estimate_training(cfg, cluster, workload, Layout(dp=2, micro_batch=4), bucket_size_mb=1000)
+    many = estimate_training(cfg, cluster, workload, Layout(dp=2, micro_batch=4), bucket_size_mb=0.25)
+    gradient_bytes = 4 * model_parameters(cfg)
+    assert one.metrics["step_s"] - one.metrics["makespan_s"] > collective_time(
+        "all_reduce", gradient_bytes, 2, cluster.intra_node)
+    assert many.metrics["step_s"] < one.metrics["step_s"]
+
+
+def test_a_measured_link_curve_prices_each_ring_step():
+    """Link.measured: linear between the points, the first point's time below it, 1/bandwidth per byte
+    beyond the last; a collective pays its steps, each the curve's time for the step's share of bytes."""
+    link = Link(bandwidth=1e9, latency=5e-6, measured=((1000, 1e-3), (5000, 2e-3)))
+    assert link.step_time(10) == 1e-3 and link.step_time(3000) == pytest.approx(1.5e-3)
+    assert link.step_time(15000) == pytest.approx(2e-3 + 10000 / 1e9)
+    # all-reduce over 4 ranks: 6 steps of a quarter each; over 2: 2 steps of half; a send: 1 step of all
+    assert collective_time("all_reduce", 12000, 4, link) == pytest.approx(6 * link.step_time(3000))
+    assert collective_time("all_reduce", 6000, 2, link) == pytest.approx(2 * link.step_time(3000))
+    assert collective_time("send", 3000, 2, link) == pytest.approx(link.step_time(3000))
+    assert collective_time("all_reduce", 6000, 2, link, with_latency=False) == pytest.approx(6000 / 1e9)
+    for bad in (((2000, 1e-3), (1000, 2e-3)), ((0, 1e-3),), ((1000, -1.0),)):
+        with pytest.raises(ValueError, match="link.measured"):
+            Link(bandwidth=1e9, latency=0.0, measured=bad)
+    parsed = cluster_from_dict({**_read_preset("cluster", "cpu_local"), "elementwise_bandwidth_gbs": 6,
+                                "intra_node": {"bandwidth_gbs": 1, "latency_us": 5, "measured_bytes_us": [[1000, 1000]]}})
+    assert parsed.intra_node.measured == ((1000.0, 1e-3),) and parsed.elementwise_bandwidth == 6e9
+
+
+def test_norms_and_residuals_are_repeated_by_tp_ranks_unless_sequence_parallel():
+    """cost.replicated_time: (2 norms + 2 adds per layer, 1 final norm) passes over [tokens, hidden],
+    not divided by TP, divided by it under SP; nothing where the cluster does not model them."""
+    cfg = load_model("llama_tiny")
+    cluster = replace(load_cluster("cpu_local"), elementwise_bandwidth=1e9)
+    unit = 512 * cfg.hidden_size * 4 / 1e9
+    serial = replicated_time(cfg, Layout(), cluster, 4, True, 512, 4)
+    assert serial == pytest.approx((unit * (4 * 10 + 2), unit * (4 * 12 + 3)))
+    assert replicated_time(cfg, Layout(tp=2), cluster, 4, True, 512, 4) == pytest.approx(serial)
+    sp = replicated_time(cfg, Layout(tp=2, sequence_parallel=True), cluster, 4, True, 512, 4)
+    assert sp == pytest.approx(tuple(t / 2 for t in serial))
+    assert replicated_time(cfg, Layout(), replace(cluster, elementwise_bandwidth=0.0), 4, True, 512, 4) == (0.0, 0.0)
+    # and the step time holds them: TP2 pays more than half the serial compute for them
+    workload = load_workload("training_cpu")
+    fast = estimate_training(cfg, replace(cluster, elementwise_bandwidth=1e15), workload, Layout(tp=2, micro_batch=4))
+    slow = estimate_training(cfg, cluster, workload, Layout(tp=2, micro_batch=4))
+    assert slow.metrics["step_s"] - fast.metrics["step_s"] == pytest.approx(4 * sum(serial), rel=1e-3)

@@ -1,8 +1,10 @@
-"""Time of collectives (an alpha-beta model per link) and of compute (FLOPs over a share of the peak).
+"""Time of collectives (an alpha-beta model per link) and of compute (FLOPs over a share of the peak,
+and, where the cluster gives their bandwidth, the norms and residual adds every TP rank repeats).
 
 A ring over n ranks sends, per rank, 2(n-1)/n of the tensor in 2(n-1) steps for an all-reduce and
 (n-1)/n of it in n-1 steps for an all-gather or a reduce-scatter; every step pays the link's latency
-(alpha) once, every byte 1/bandwidth (beta). A point-to-point transfer is one step. An all-to-all
+(alpha) once, every byte 1/bandwidth (beta), or, on a link with a measured curve, each step the
+curve's time for its bytes. A point-to-point transfer is one step. An all-to-all
 sends what leaves the rank in n-1 steps. `with_latency=False` drops the alpha terms: the bandwidth-only
 figure most back-of-envelope tables quote.
 
@@ -29,7 +31,10 @@ def collective_time(op: str, nbytes: float, n: int, link: Link, with_latency: bo
     an all-to-all the bytes sent) takes over n ranks on `link`."""
     if n <= 1 or op not in STEPS:
         return 0.0
-    alpha = STEPS[op](n) * link.latency if with_latency else 0.0
+    steps = STEPS[op](n)
+    if link.measured and with_latency and steps:  # the measured curve, per step of its share of the bytes
+        return steps * link.step_time(WIRE[op](n) * nbytes / steps)
+    alpha = steps * link.latency if with_latency else 0.0
     return alpha + WIRE[op](n) * nbytes / link.bandwidth
 
 
@@ -58,6 +63,25 @@ def layer_forward_flops(cfg: ModelConfig, layer: int, tokens: int, seq_length: i
 
 def compute_time(flops: float, cluster: Cluster, dtype: str) -> float:
     return flops / (cluster.flops(dtype) * cluster.mfu_ceiling)
+
+
+# Passes over a [tokens, hidden] activation per layer that its two norms and two residual adds make, as
+# fused kernels would: a norm reads x and writes y (backward: reads x and dy, writes dx), an add reads
+# two and writes one (backward: accumulates the residual's gradient, the same). TP does not split them;
+# SP does. The final norm of the last stage makes one norm's.
+NORM_PASSES = {"forward": 2, "backward": 3}
+LAYER_PASSES = {k: 2 * v + 2 * 3 for k, v in NORM_PASSES.items()}
+
+
+def replicated_time(cfg: ModelConfig, layout: Layout, cluster: Cluster, layers: int, final_norm: bool,
+                    tokens: int, dtype_bytes: int) -> tuple[float, float]:
+    """(forward, backward) seconds of the norms and residual adds of `layers` layers (and the final norm)
+    over one micro batch of `tokens` on one rank; 0 where the cluster does not model them apart."""
+    if not cluster.elementwise_bandwidth:
+        return 0.0, 0.0
+    rows = tokens / (layout.tp if layout.sequence_parallel and layout.tp > 1 else 1)
+    unit = rows * cfg.hidden_size * dtype_bytes / cluster.elementwise_bandwidth
+    return tuple(unit * (layers * LAYER_PASSES[k] + final_norm * NORM_PASSES[k]) for k in ("forward", "backward"))
 
 
 def rank_layer_flops(cfg: ModelConfig, layout: Layout, layer: int, tokens: int, seq_length: int) -> tuple[float, float]:

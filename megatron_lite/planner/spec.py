@@ -24,15 +24,38 @@ PLANNED_SCHEDULES = SCHEDULE_NAMES  # all the framework runs, zero-bubble ones (
 @dataclass(frozen=True)
 class Link:
     """One kind of link: bandwidth each rank can send at (bytes/s, one direction) and the latency of one
-    message or collective step (s): a transfer of n bytes takes latency + n / bandwidth."""
+    message or collective step (s): a transfer of n bytes takes latency + n / bandwidth.
+
+    measured: optionally, (bytes, seconds) of one step at several sizes, as a fit on the machine gives
+    them; a step then takes the curve through them (linear between points, the smallest point's time
+    below it, 1 / bandwidth per byte beyond the largest). A transport's cost is not one straight line:
+    gloo on a CPU moves 1 MiB at half the bytes per second it reaches at 4 MiB, and a line fitted through
+    both misses the middle sizes by 20%, where a TP all-reduce of activations sits."""
 
     bandwidth: float
     latency: float
+    measured: tuple = ()
 
     def __post_init__(self):
         if not self.bandwidth > 0 or not self.latency >= 0:
             raise ValueError(f"a link needs bandwidth > 0 and latency >= 0, got bandwidth={self.bandwidth}, "
                              f"latency={self.latency}")
+        points = tuple((float(b), float(t)) for b, t in self.measured)
+        if any(not (b > 0 and t > 0) for b, t in points) or [b for b, _ in points] != sorted({b for b, _ in points}):
+            raise ValueError(f"link.measured needs (bytes > 0, seconds > 0) points at increasing sizes, got {self.measured}")
+        object.__setattr__(self, "measured", points)
+
+    def step_time(self, nbytes: float) -> float:
+        """Seconds of one step moving `nbytes`."""
+        if not self.measured:
+            return self.latency + nbytes / self.bandwidth
+        points = self.measured
+        if nbytes <= points[0][0]:
+            return points[0][1]
+        for (b0, t0), (b1, t1) in zip(points, points[1:]):
+            if nbytes <= b1:
+                return t0 + (t1 - t0) * (nbytes - b0) / (b1 - b0)
+        return points[-1][1] + (nbytes - points[-1][0]) / self.bandwidth
 
 
 @dataclass(frozen=True)
@@ -44,6 +67,8 @@ class Cluster:
     layer_overhead: fixed seconds per layer and micro batch in forward (twice that in backward) that
     do not scale with FLOPs: kernel launches, Python and autograd bookkeeping (fitted on the CPU).
     memory_bandwidth: bytes/s one device reads from its memory (decode reads every weight per token).
+    elementwise_bandwidth: bytes/s the norms and residual adds move at (cost.replicated_time), the work
+    every TP rank repeats unless SP splits it; 0: not modelled apart (the GPU presets' mfu_ceiling holds it).
     """
 
     name: str
@@ -56,6 +81,7 @@ class Cluster:
     inter_node: Link
     mfu_ceiling: float = 0.7
     layer_overhead: float = 0.0  # seconds per layer forward and micro batch besides its FLOPs (x2 backward)
+    elementwise_bandwidth: float = 0.0
     description: str = ""
 
     def __post_init__(self):
@@ -65,6 +91,8 @@ class Cluster:
         for key in ("memory_bytes", "memory_bandwidth"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"cluster.{key}={getattr(self, key)!r} must be > 0")
+        if not self.elementwise_bandwidth >= 0:
+            raise ValueError(f"cluster.elementwise_bandwidth_gbs must be >= 0, got {self.elementwise_bandwidth / GB}")
         if not self.layer_overhead >= 0:
             raise ValueError(f"cluster.layer_overhead_us must be >= 0, got {self.layer_overhead * 1e6}")
         if not 0 < self.mfu_ceiling <= 1:
@@ -187,9 +215,10 @@ def _read_preset(group: str, name: str) -> dict:
 
 def cluster_from_dict(values: dict) -> Cluster:
     """From conf/cluster's units: memory_gib, peak_tflops, memory_bandwidth_gbs, link bandwidth_gbs
-    (GB/s = 1e9 bytes/s) and latency_us."""
+    (GB/s = 1e9 bytes/s), latency_us and, optionally, measured_bytes_us ([bytes, us] of one step)."""
     values = dict(values)
-    links = {key: Link(float(values[key]["bandwidth_gbs"]) * GB, float(values[key]["latency_us"]) * 1e-6)
+    links = {key: Link(float(values[key]["bandwidth_gbs"]) * GB, float(values[key]["latency_us"]) * 1e-6,
+                       tuple((b, us * 1e-6) for b, us in values[key].get("measured_bytes_us", ())))
              for key in ("intra_node", "inter_node")}
     return Cluster(name=values["name"], gpus_per_node=values["gpus_per_node"], num_nodes=values.get("num_nodes", 1),
                    memory_bytes=float(values["memory_gib"]) * GIB,
@@ -197,6 +226,7 @@ def cluster_from_dict(values: dict) -> Cluster:
                    memory_bandwidth=float(values["memory_bandwidth_gbs"]) * GB,
                    mfu_ceiling=float(values.get("mfu_ceiling", 0.7)), description=values.get("description", ""),
                    layer_overhead=float(values.get("layer_overhead_us", 0.0)) * 1e-6,
+                   elementwise_bandwidth=float(values.get("elementwise_bandwidth_gbs", 0.0)) * GB,
                    **links)
 
 

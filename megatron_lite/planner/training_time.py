@@ -11,8 +11,10 @@ Step time = the pipeline's makespan + the exposed data-parallel reduction + the 
   rest (input gradients, the attention core's backward, the routed experts, any recomputed forward),
   instead of the simulator's default halves: a layer's I exceeds its W by twice its attention core
   (more with recomputation), so I, on the critical path, is the longer part;
-- the DP bucket reductions start during the last micro batch's backward, so only what exceeds that
-  backward is exposed; ZeRO-1's all-gather of the updated parameters follows the update and is exposed;
+- the DP bucket reductions start during the last micro batch's backward, each when its gradients are
+  final (buckets fill in reverse layer order, so evenly over that backward), one after another; what runs
+  past the backward is exposed, at least the last bucket's (with one bucket, all of it); ZeRO-1's
+  all-gather of the updated parameters follows the update and is exposed;
   partial-gradient sums and the norm follow too;
 - AdamW is memory bound: it reads and writes the parameters, gradients and optimizer state once.
 """
@@ -30,13 +32,14 @@ from megatron_lite.pipeline.simulate import simulate
 from megatron_lite.planner.activations import cached_plan, stage_activation_bytes
 from megatron_lite.planner.comm_volume import activation_bytes, microbatches, step_traffic, view_size
 from megatron_lite.planner.cost import (collective_time, compute_time, link_of, rank_layer_flops,
-                                        rank_layer_weight_flops)
+                                        rank_layer_weight_flops, replicated_time)
 from megatron_lite.planner.params import rank_chunks, stage_memory
 from megatron_lite.planner.spec import Cluster, Layout, Workload
 from megatron_lite.training.metrics import model_flops_per_token
 
 CRITICAL_PATH = ("tp", "ep")  # collectives inside forward/backward
 DATA_PARALLEL = ("dp", "dp_cp", "edp_cp")
+BUCKETS = ("dp_cp", "edp_cp")  # the gradient buckets' reductions
 
 
 @dataclass
@@ -120,6 +123,15 @@ def _unit_makespan(schedule: str, p: int, m: int, v: int, backward: float, comm:
     return result.makespan, result.bubble_fraction
 
 
+def exposed_reduction(calls: list[float], backward_s: float) -> float:
+    """Seconds the bucket reductions (`calls`, each one's time, in launch order) run past the last micro
+    batch's backward: call k may start once (k+1)/n of that backward is done and after call k-1."""
+    end = 0.0
+    for k, seconds in enumerate(calls):
+        end = max(end, (k + 1) / len(calls) * backward_s) + seconds
+    return max(end - backward_s, 0.0)
+
+
 def estimate_training(cfg: ModelConfig, cluster: Cluster, workload: Workload, layout: Layout,
                       bucket_size_mb: float = 25.0, memory_limit: float | None = None) -> Estimate:
     """memory_limit: a layout whose busiest stage needs more bytes is returned untimed (step_s inf)."""
@@ -143,8 +155,11 @@ def estimate_training(cfg: ModelConfig, cluster: Cluster, workload: Workload, la
         inside = sum(t for g, t in times.items() if g in CRITICAL_PATH) / m  # per micro batch, both directions
         overhead = cluster.layer_overhead * (len(mem.layers) + 1)  # the embedding or head as one more
         redo = {"none": 0.0, "full": 1.0, "selective": 0.0}[layout.recompute]
-        forward = compute_time(fwd_flops, cluster, workload.dtype) + inside / 2 + overhead
-        backward = compute_time(bwd_flops, cluster, workload.dtype) + inside / 2 + (2 + redo) * overhead
+        last = any(is_last for *_, is_last in rank_chunks(cfg, layout, stage))
+        norms_fwd, norms_bwd = replicated_time(cfg, layout, cluster, len(mem.layers), last, layout.micro_batch * s, d)
+        forward = compute_time(fwd_flops, cluster, workload.dtype) + inside / 2 + overhead + norms_fwd
+        backward = (compute_time(bwd_flops, cluster, workload.dtype) + inside / 2 + (2 + redo) * overhead
+                    + norms_bwd + redo * norms_fwd)
         # W: its matmuls and one pass of per-layer overhead; the TP collectives carry input gradients (I)
         weight = compute_time(weight_flops, cluster, workload.dtype) + overhead
         per_stage.append((forward, backward, traffic, times, mem, weight))
@@ -162,13 +177,18 @@ def estimate_training(cfg: ModelConfig, cluster: Cluster, workload: Workload, la
     # Per stage: what follows the last backward (DP reductions beyond it, ZeRO-1's gather, the partial
     # sums over the embedding and TP-block groups) and the optimizer update; the slowest stage counts.
     after = []
+    bucket_op = "reduce_scatter" if layout.zero1 else "all_reduce"
     for _, backward_s, traffic, times, mem, _ in per_stage:
         def seconds(views, ops):
             return sum(calls * collective_time(op, b / calls, view_size(layout, view, mem.stage),
                                                link_of(layout, cluster, view))
                        for (view, op), (b, calls) in traffic.by_view.items() if view in views and op in ops)
-        reduce = seconds(DATA_PARALLEL, ("all_reduce", "reduce_scatter"))
-        exposed = max(reduce - backward_s, 0.0) + seconds(DATA_PARALLEL, ("all_gather",))
+        reductions = [collective_time(op, b / calls, view_size(layout, view, mem.stage), link_of(layout, cluster, view))
+                      for (view, op), (b, calls) in traffic.by_view.items()
+                      if view in BUCKETS and op == bucket_op for _ in range(calls)]
+        exposed = exposed_reduction(reductions, backward_s) + seconds(DATA_PARALLEL, ("all_gather",))
+        # the loss's and the step's small all-reduces (ZeRO-1's global norm over dp_cp), after the last backward
+        exposed += seconds(("dp",) + (BUCKETS if layout.zero1 else ()), ("all_reduce",))
         exposed += sum(t for view, t in times.items() if view not in CRITICAL_PATH + DATA_PARALLEL + ("pp",))
         update = 2 * (mem.parameter_bytes + mem.gradient_bytes + mem.optimizer_bytes) / cluster.memory_bandwidth
         after.append(exposed + update)
