@@ -6,7 +6,7 @@
 1. Fit the machine (conf/cluster/cpu_local.yaml's terms): gloo's time per ring step against its bytes
    (Link.measured, the curve the planner prices collectives with; alpha and beta of a least-squares line
    are reported) from 2-rank all-reduces of 4 KiB to 4 MiB (the losses, activations and gradient buckets
-   these runs move), each issued after 2 ms of matmuls on both ranks as training issues them and
+   these runs move), each on a new tensor after 2 ms of matmuls on both ranks as training issues them and
    averaged; the bandwidth of the norms and residual adds (the work TP ranks repeat) from a forward and
    backward of them at the model's hidden size; the model's FLOP/s and fixed cost per layer and micro
    batch from serial forward+backward steps of 4 micro batches of 1 and of 4 sequences (t - norms =
@@ -54,9 +54,9 @@ LAYOUTS = {"serial": Layout(), "TP2": Layout(tp=2), "PP2": Layout(pp=2), "DP2": 
 
 def _all_reduce_times(rank, world, repeats, gap_s):
     """Mean seconds of an all-reduce per size, each after `gap_s` of matmuls on both ranks, as the training
-    loop issues them: between computations, which on a CPU share the cores gloo's transport runs on (an
-    all-reduce after compute costs 1.5-2x one issued back to back here), and the mean, because a step pays
-    the slow tail too."""
+    loop issues them: on a tensor just made, between computations, which on a CPU share the cores gloo's
+    transport runs on (an all-reduce after compute costs 1.5-2x one issued back to back here), and the
+    mean, because a step pays the slow tail too."""
     torch.set_num_threads(1)
     layout = ParallelLayout.from_mesh(ParallelSizes(dp=world))
     a = torch.randn(128, 128)
@@ -74,6 +74,7 @@ def _all_reduce_times(rank, world, repeats, gap_s):
         for _ in range(repeats):
             for _ in range(matmuls):
                 a @ a
+            x = torch.empty(size // 4).fill_(1.0)  # a new tensor, as an activation is (its pages fresh: +25% at 256 KiB)
             start = time.perf_counter()
             comm.all_reduce(x, layout.dp)
             times.append(time.perf_counter() - start)
