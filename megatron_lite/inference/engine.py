@@ -44,6 +44,8 @@ class Group:
     logits: list[list[torch.Tensor]] = field(init=False)  # per request and step (last stage, if kept)
     finished_at: float = float("inf")  # the step from which every request of the group has ended
     first_token_s: float | None = None
+    last_token_s: float | None = None
+    last_step: int = 0  # the step of the group's latest tokens (0: the prefill's)
     last_tokens: list[int] = field(default_factory=list)  # the tokens the next decode step embeds
 
     def __post_init__(self):
@@ -59,6 +61,7 @@ class EngineOutput:
     logits: list[list[torch.Tensor]] | None  # per request and step, [vocab] fp32 (last stage only, if kept)
     ttft_s: float  # mean over groups: start to the group's first tokens
     total_s: float
+    tpot_s: float  # mean over groups that decoded: from their first tokens to their last, per step
     kv_cache_bytes: int  # this rank's caches
 
 
@@ -211,8 +214,10 @@ class Engine:
         for group in groups:
             for row, generated, kept in zip(group.ids, group.tokens, group.logits):
                 tokens[row], logits[row] = generated, kept
+        decoded = [(g.last_token_s - g.first_token_s) / g.last_step for g in groups if g.last_step > 0]
         return EngineOutput(tokens, logits if keep_logits and r == p - 1 else None,
-                            sum(g.first_token_s for g in groups) / m, total, sum(g.cache.nbytes for g in groups))
+                            sum(g.first_token_s for g in groups) / m, total,
+                            sum(decoded) / len(decoded) if decoded else 0.0, sum(g.cache.nbytes for g in groups))
 
     def _compute(self, groups, unit, received, device):
         """This stage's forward of unit (k, g): hidden states out, or [b, vocab slice] logits on the last stage."""
@@ -247,8 +252,9 @@ class Engine:
 
     @staticmethod
     def _record(group: Group, k: int, tokens: list[int], eos_id, start: float, on_tokens) -> None:
+        group.last_token_s, group.last_step = time.perf_counter() - start, k
         if k == 0:
-            group.first_token_s = time.perf_counter() - start
+            group.first_token_s = group.last_token_s
         running = [i for i, done in enumerate(group.done) if not done]
         for i in running:
             group.tokens[i].append(tokens[i])

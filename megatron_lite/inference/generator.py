@@ -26,7 +26,8 @@ class GenerationResult:
     tokens: list[list[int]]  # generated ids per prompt (ending with EOS where it stopped there)
     texts: list[str] | None  # decoded, for prompts given as text
     ttft_s: float  # time to first token (mean over this replica's groups)
-    tpot_s: float  # time per output token after the first, per sequence
+    tpot_s: float  # time per output token after the first, per sequence (mean over this replica's groups,
+    # each from its first tokens to its last: what its requests saw)
     tokens_per_s: float  # generated tokens of every replica per second of the slowest replica
     kv_cache_bytes: int  # this rank's KV caches
     logits: list | None = None  # per prompt and step [vocab] fp32, with keep_logits, on the last stage
@@ -125,8 +126,6 @@ class Generator:
         logits = None if kept is None else [request for _, _, part in parts for request in part]
         slowest = max(total for _, total, _ in parts)
         produced = sum(len(t) for t in tokens)
-        steps = max(len(t) for t in out.tokens)  # decode steps this replica ran, the first token's prefill aside
-        tpot = (out.total_s - out.ttft_s) / (steps - 1) if steps > 1 else 0.0
         decoded = [self.tokenizer.decode([i for i in t if i != self.eos_id]) for t in tokens] if texts else None
-        return GenerationResult(tokens, decoded, out.ttft_s, tpot,
+        return GenerationResult(tokens, decoded, out.ttft_s, out.tpot_s,
                                 produced / slowest if slowest > 0 else 0.0, out.kv_cache_bytes, logits)
