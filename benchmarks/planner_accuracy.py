@@ -74,7 +74,7 @@ def _all_reduce_times(rank, world, repeats, gap_s):
         for _ in range(repeats):
             for _ in range(matmuls):
                 a @ a
-            x = torch.empty(size // 4).fill_(1.0)  # a new tensor, as an activation is (its pages fresh: +25% at 256 KiB)
+            x = torch.empty(size // 4).fill_(1.0)  # a new tensor, as an activation is (fresh pages cost more)
             start = time.perf_counter()
             comm.all_reduce(x, layout.dp)
             times.append(time.perf_counter() - start)
