@@ -179,14 +179,17 @@ def estimate_training(cfg: ModelConfig, cluster: Cluster, workload: Workload, la
     after = []
     bucket_op = "reduce_scatter" if layout.zero1 else "all_reduce"
     for _, backward_s, traffic, times, mem, _ in per_stage:
+        def call_times(views, ops) -> list[float]:
+            """Seconds of each call of these groups' ops, in the traffic's order."""
+            return [collective_time(op, b / calls, view_size(layout, view, mem.stage), link_of(layout, cluster, view))
+                    for (view, op), (b, calls) in traffic.by_view.items() if view in views and op in ops
+                    for _ in range(calls)]
+
         def seconds(views, ops):
-            return sum(calls * collective_time(op, b / calls, view_size(layout, view, mem.stage),
-                                               link_of(layout, cluster, view))
-                       for (view, op), (b, calls) in traffic.by_view.items() if view in views and op in ops)
-        reductions = [collective_time(op, b / calls, view_size(layout, view, mem.stage), link_of(layout, cluster, view))
-                      for (view, op), (b, calls) in traffic.by_view.items()
-                      if view in BUCKETS and op == bucket_op for _ in range(calls)]
-        exposed = exposed_reduction(reductions, backward_s) + seconds(DATA_PARALLEL, ("all_gather",))
+            return sum(call_times(views, ops))
+
+        exposed = exposed_reduction(call_times(BUCKETS, (bucket_op,)), backward_s)
+        exposed += seconds(DATA_PARALLEL, ("all_gather",))
         # the loss's and the step's small all-reduces (ZeRO-1's global norm over dp_cp), after the last backward
         exposed += seconds(("dp",) + (BUCKETS if layout.zero1 else ()), ("all_reduce",))
         exposed += sum(t for view, t in times.items() if view not in CRITICAL_PATH + DATA_PARALLEL + ("pp",))
